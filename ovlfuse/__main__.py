@@ -1,0 +1,3 @@
+from ovlfuse.cli import main
+
+raise SystemExit(main())

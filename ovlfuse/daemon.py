@@ -1,0 +1,188 @@
+"""Mounting and serving: mountpoint checks, daemonizing, the trio main loop, signals.
+
+The parent process validates everything, forks, and exits only once the child
+reports that the FUSE mount is live (or why it is not).  The child serves
+until the filesystem is unmounted (``fusermount3 -u``, ``umount``) or it gets
+SIGTERM/SIGINT/SIGHUP, and then unmounts and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from ovlfuse.engine import MergeEngine
+from ovlfuse.errors import OvlError
+from ovlfuse.layers import LayerStack
+from ovlfuse.operations import OverlayOperations
+from ovlfuse.store import MountPlan
+
+log = logging.getLogger("ovlfuse")
+
+
+@dataclass
+class ServeOptions:
+    foreground: bool = False
+    debug: bool = False
+    allow_other: bool = False
+    read_only: bool = False
+    vfs_flags: list[str] = field(default_factory=list)
+    pid_file: str | None = None
+    log_file: str | None = None
+
+
+def _unescape_mountinfo(field_: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    out, i = [], 0
+    while i < len(field_):
+        code = field_[i + 1 : i + 4]
+        if field_[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_points() -> dict[str, str]:
+    """Mount point -> "major:minor" for every mount this process can see."""
+    points: dict[str, str] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            points[_unescape_mountinfo(fields[4])] = fields[2]
+    return points
+
+
+def check_mountpoint(path: str) -> str:
+    mountpoint = os.path.abspath(path)
+    if not os.path.lexists(mountpoint):
+        raise OvlError(f"mountpoint {path} does not exist; create it with 'mkdir -p {path}'")
+    if not os.path.isdir(mountpoint):
+        raise OvlError(f"mountpoint {path} is not a directory")
+    real = os.path.realpath(mountpoint)
+    if real in mount_points() and real != "/":
+        raise OvlError(f"{path} is already a mount point; unmount it first (fusermount3 -u {path})")
+    return real
+
+
+def fuse_options(plan: MountPlan, opts: ServeOptions) -> set[str]:
+    options = {"default_permissions", f"fsname={plan.label.replace(',', '_')}", "subtype=ovlfuse"}
+    options.update(opts.vfs_flags)
+    if opts.allow_other:
+        options.add("allow_other")
+    if plan.read_only or opts.read_only:
+        options.add("ro")
+    return options
+
+
+def _raise_read_ahead(mountpoint: str) -> None:
+    """Ask for 1 MiB reads (root only): about twice the throughput of the default."""
+    device = mount_points().get(mountpoint)
+    if device is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write("1024")
+    except OSError:
+        pass
+
+
+async def _serve_until_unmounted() -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("signal %d: unmounting", signum)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log_file else null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+
+
+def _configure_logging(opts: ServeOptions) -> None:
+    level = logging.DEBUG if opts.debug else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if not opts.debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def serve(plan: MountPlan, mountpoint: str, opts: ServeOptions) -> int:
+    """Mount ``plan`` on ``mountpoint`` and serve it; returns the exit status."""
+    mountpoint = check_mountpoint(mountpoint)
+    stack = LayerStack.open(plan.upper, plan.workdir, plan.lowers)
+    engine = MergeEngine(stack)
+    if opts.foreground:
+        return _run(engine, plan, mountpoint, opts, ready_fd=None)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os.setsid()
+        try:
+            status = _run(engine, plan, mountpoint, opts, ready_fd=write_fd)
+        except BaseException:  # noqa: BLE001 - the daemon must never return into the parent's code
+            status = 1
+        os._exit(status)
+    os.close(write_fd)
+    engine.close()
+    with os.fdopen(read_fd, "rb") as ready:
+        message = ready.read().decode(errors="replace").strip()
+    if message == "ok":
+        return 0
+    if not message:
+        _, wait_status = os.waitpid(pid, 0)
+        message = f"the daemon exited before the mount was ready (status {wait_status})"
+    raise OvlError(message)
+
+
+def _run(engine: MergeEngine, plan: MountPlan, mountpoint: str, opts: ServeOptions, ready_fd: int | None) -> int:
+    ops = OverlayOperations(engine)
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_options(plan, opts))
+    except RuntimeError as e:
+        message = f"could not mount on {mountpoint} ({e}); check that /dev/fuse exists and fusermount3 is installed"
+        if ready_fd is None:
+            raise OvlError(message) from None
+        os.write(ready_fd, message.encode())
+        return 1
+    if os.geteuid() == 0:
+        _raise_read_ahead(mountpoint)
+    if opts.pid_file:
+        with open(opts.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    if ready_fd is not None:
+        os.chdir("/")
+        _detach_stdio(opts.log_file)
+        os.write(ready_fd, b"ok")
+        os.close(ready_fd)
+    _configure_logging(opts)
+    try:
+        trio.run(_serve_until_unmounted)
+    finally:
+        pyfuse3.close(unmount=mountpoint in mount_points())
+        engine.close()
+        if opts.pid_file:
+            try:
+                os.unlink(opts.pid_file)
+            except OSError:
+                pass
+    return 0

@@ -1,0 +1,80 @@
+"""The opened layer stack: one directory file descriptor per layer.
+
+This is the single source of truth for where a layer lives.  Everything after
+set-up reaches layer contents through ``Layer.fd`` (see ``safeio``); the path
+is kept only for messages.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ovlfuse.errors import OvlError
+
+# Inode numbers of layers on different filesystems are spread over disjoint
+# ranges, as the kernel's xino does: the filesystem's index goes in the top bits.
+_XINO_SHIFT = 48
+
+
+@dataclass(frozen=True)
+class Layer:
+    index: int  # 0 is the topmost layer
+    path: str
+    fd: int  # O_PATH directory descriptor of the layer root
+    dev: int
+    is_upper: bool
+
+
+class LayerStack:
+    """The layers of one mount, topmost first, plus the upper's workdir."""
+
+    def __init__(self, layers: list[Layer], workdir: str | None) -> None:
+        self.layers = layers
+        self.workdir = workdir
+        devs: list[int] = []
+        for layer in layers:
+            if layer.dev not in devs:
+                devs.append(layer.dev)
+        self._dev_index = {dev: i for i, dev in enumerate(devs)}
+        self._samefs = len(devs) == 1
+
+    @property
+    def upper(self) -> Layer | None:
+        return self.layers[0] if self.layers and self.layers[0].is_upper else None
+
+    @property
+    def read_only(self) -> bool:
+        return self.upper is None
+
+    @classmethod
+    def open(cls, upper: str | None, workdir: str | None, lowers: list[str]) -> "LayerStack":
+        """Open every layer root; paths must already be resolved (no symlinks)."""
+        paths = ([upper] if upper else []) + lowers
+        if not paths:
+            raise OvlError("no layers to mount: give a layer id or -o lowerdir=DIR")
+        layers: list[Layer] = []
+        try:
+            for index, path in enumerate(paths):
+                try:
+                    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError as e:
+                    raise OvlError(f"cannot open layer directory {path}: {e.strerror}") from None
+                st = os.fstat(fd)
+                layers.append(Layer(index, path, fd, st.st_dev, index == 0 and upper is not None))
+        except OvlError:
+            for layer in layers:
+                os.close(layer.fd)
+            raise
+        return cls(layers, workdir)
+
+    def close(self) -> None:
+        for layer in self.layers:
+            os.close(layer.fd)
+        self.layers = []
+
+    def ino(self, layer: Layer, real_ino: int) -> int:
+        """The inode number the merged view reports for ``real_ino`` in ``layer``."""
+        if self._samefs:
+            return real_ino
+        return (self._dev_index[layer.dev] << _XINO_SHIFT) | (real_ino & ((1 << _XINO_SHIFT) - 1))

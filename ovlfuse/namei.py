@@ -1,0 +1,216 @@
+"""Lookup: the merged index of one directory.
+
+A directory's merged index is built once, from one listing of each layer that
+contributes to it, and then answers every lookup, negative lookup and readdir
+in that directory with a dictionary hit.  Indexes are cached by merged path,
+not by FUSE node id, so a FORGET from the kernel can never invalidate them;
+the cache is bounded (LRU by entry count) and an evicted index is rebuilt on
+demand from the directory's own entry.
+
+Merge rules (shared spec section 2, checked against the kernel):
+- layers are searched top-down; the first object or whiteout for a name decides;
+- a directory keeps merging with same-named directories below it until a
+  whiteout, a non-directory, or an opaque directory ends the chain;
+- a whiteout hides names in the layers below it, never in its own layer;
+- the mount root merges every layer and ignores opaque markers;
+- a merged directory reports nlink 1 and, when it has an upper part, the inode
+  number of its topmost lower directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ovlfuse.layers import Layer, LayerStack
+from ovlfuse.markers import (
+    OPAQUE_FILE,
+    WH_PREFIX,
+    is_device_whiteout,
+    is_xattr_whiteout,
+    opaque_value,
+)
+from ovlfuse.safeio import open_beneath
+
+NAME_MAX = 255
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One visible name of the merged view: where its object lives and what it is."""
+
+    path: bytes  # merged path from the mount root (b"" for the root); the same in every layer
+    layer: Layer  # the layer that provides the object (for directories: the topmost part)
+    st: os.stat_result  # lstat of that object
+    ino: int = 0  # inode number reported to the kernel
+    dirs: tuple[Layer, ...] = ()  # for directories: every layer whose part is merged in
+    _dir_inos: list[int] = field(default_factory=list)  # real inode of each part (during the build)
+
+    @property
+    def merged(self) -> bool:
+        return len(self.dirs) > 1
+
+    @property
+    def name(self) -> bytes:
+        return self.path.rpartition(b"/")[2]
+
+    def parent_path(self) -> bytes:
+        return self.path.rpartition(b"/")[0]
+
+
+def child_path(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+class _Build:
+    """State of one index build: names decided so far and names hidden from below."""
+
+    def __init__(self, stack: LayerStack, path: bytes, is_root: bool) -> None:
+        self.stack = stack
+        self.path = path
+        self.is_root = is_root
+        self.entries: dict[bytes, Entry] = {}
+        self.hidden: set[bytes] = set()  # whited out above: lower objects of this name are ignored
+        self.closed: set[bytes] = set()  # directory chains that no longer merge
+
+    def add_layer(self, layer: Layer) -> bool:
+        """Merge one layer's part of the directory; return False if it is opaque (stop)."""
+        try:
+            fd = open_beneath(layer.fd, self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return True  # the part vanished; nothing to merge from this layer
+            raise
+        try:
+            return self._merge_listing(layer, fd)
+        finally:
+            os.close(fd)
+
+    def _merge_listing(self, layer: Layer, fd: int) -> bool:
+        marker = opaque_value(fd)
+        opaque = marker == b"y" and not self.is_root
+        xattr_whiteouts = marker == b"x" and not layer.is_upper
+        whiteouts: list[bytes] = []
+        entries, hidden, closed = self.entries, self.hidden, self.closed
+        with os.scandir(fd) as listing:
+            for de in listing:
+                name = os.fsencode(de.name)
+                if name.startswith(WH_PREFIX):
+                    if name == OPAQUE_FILE:
+                        opaque = opaque or not self.is_root
+                    else:
+                        whiteouts.append(name[len(WH_PREFIX):])
+                    continue
+                if name in hidden:
+                    continue
+                is_dir = de.is_dir(follow_symlinks=False)
+                known = entries.get(name)
+                if known is not None:
+                    if name not in closed:
+                        if is_dir:
+                            known.dirs += (layer,)
+                            known._dir_inos.append(de.inode())
+                        else:  # a whiteout or non-directory below a directory ends its chain
+                            closed.add(name)
+                    continue
+                st = de.stat(follow_symlinks=False)
+                if not is_dir:
+                    if is_device_whiteout(st) or (xattr_whiteouts and is_xattr_whiteout(fd, name, st)):
+                        whiteouts.append(name)
+                        continue
+                    closed.add(name)
+                    entries[name] = Entry(child_path(self.path, name), layer, st)
+                else:
+                    entries[name] = Entry(child_path(self.path, name), layer, st, dirs=(layer,), _dir_inos=[de.inode()])
+        for name in whiteouts:
+            if name in entries:
+                closed.add(name)
+            else:
+                hidden.add(name)
+        return not opaque
+
+    def finish(self) -> dict[bytes, Entry]:
+        """Cut merged subdirectories at an opaque top part, and settle inode numbers."""
+        by_layer: dict[int, list[Entry]] = {}
+        for entry in self.entries.values():
+            if len(entry.dirs) > 1:
+                by_layer.setdefault(entry.layer.index, []).append(entry)
+        for index, group in by_layer.items():
+            layer = self.stack.layers[index]
+            fd = open_beneath(layer.fd, self.path, os.O_PATH | os.O_DIRECTORY)
+            try:
+                for entry in group:
+                    if _is_opaque_dir(fd, entry.name):
+                        entry.dirs = entry.dirs[:1]
+                        del entry._dir_inos[1:]
+            finally:
+                os.close(fd)
+        for entry in self.entries.values():
+            real = entry.st.st_ino
+            if entry.merged and entry.layer.is_upper:
+                real = entry._dir_inos[1]  # topmost lower part, as the kernel reports
+                entry.ino = self.stack.ino(entry.dirs[1], real)
+            else:
+                entry.ino = self.stack.ino(entry.layer, real)
+            entry._dir_inos = []
+        return self.entries
+
+
+def _is_opaque_dir(parent_fd: int, name: bytes) -> bool:
+    if opaque_value(parent_fd, name) == b"y":
+        return True
+    try:
+        os.stat(name + b"/" + OPAQUE_FILE, dir_fd=parent_fd, follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
+def build_index(stack: LayerStack, directory: Entry, is_root: bool) -> dict[bytes, Entry]:
+    """The merged entries of ``directory`` from one listing of each of its parts."""
+    build = _Build(stack, directory.path, is_root)
+    for layer in directory.dirs:
+        if not build.add_layer(layer):
+            break
+    return build.finish()
+
+
+def root_entry(stack: LayerStack) -> Entry:
+    """The mount root: every layer's root merged, opaque markers ignored (as the kernel does)."""
+    top = stack.layers[0]
+    st = os.fstat(top.fd)
+    return Entry(b"", top, st, ino=stack.ino(top, st.st_ino), dirs=tuple(stack.layers))
+
+
+class Namei:
+    """Merged-index cache: path -> {name: Entry}, bounded by total entries."""
+
+    def __init__(self, stack: LayerStack, max_entries: int = 400_000) -> None:
+        self.stack = stack
+        self.root = root_entry(stack)
+        self.max_entries = max_entries
+        self._cache: OrderedDict[bytes, dict[bytes, Entry]] = OrderedDict()
+        self._cached_entries = 0
+
+    def index(self, directory: Entry) -> dict[bytes, Entry]:
+        entries = self._cache.get(directory.path)
+        if entries is not None:
+            self._cache.move_to_end(directory.path)
+            return entries
+        entries = build_index(self.stack, directory, directory is self.root)
+        self._cache[directory.path] = entries
+        self._cached_entries += len(entries)
+        while self._cached_entries > self.max_entries and len(self._cache) > 1:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_entries -= len(evicted)
+        return entries
+
+    def lookup(self, directory: Entry, name: bytes) -> Entry | None:
+        """The entry for ``name`` in ``directory``, or None if the merged view has no such name."""
+        if len(name) > NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        if name.startswith(WH_PREFIX):
+            return None  # markers are never names of the merged view
+        return self.index(directory).get(name)

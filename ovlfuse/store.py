@@ -1,0 +1,179 @@
+"""Layer set-up: from what the user names to the directories of one mount.
+
+Two ways in, as the kernel's and Docker's tools have them:
+- a layer of an overlay2 store (by id, unique id prefix, or directory), whose
+  ``lower`` file names the whole chain through the store's ``l/`` links;
+- explicit ``-o lowerdir=...,upperdir=...,workdir=...``.
+
+Everything is validated here, before anything is mounted or written: the
+result holds real (symlink-free) absolute paths, each checked to lie where it
+must.  Nothing in this module writes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ovlfuse.errors import OvlError
+from ovlfuse.options import MountOptions
+
+DEFAULT_ROOT = "/var/lib/docker/overlay2"
+MIN_PREFIX = 12
+_ID = re.compile(r"^[0-9a-f]+(-init)?$")
+_LINK = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass
+class MountPlan:
+    """The directories of one mount, topmost lower first."""
+
+    lowers: list[str]
+    upper: str | None = None
+    workdir: str | None = None
+    label: str = "ovlfuse"
+
+    @property
+    def read_only(self) -> bool:
+        return self.upper is None
+
+    def as_read_only(self) -> "MountPlan":
+        """The same stack with the upper dir as the topmost lower, as a committed layer mounts."""
+        if self.upper is None:
+            return self
+        return MountPlan(lowers=[self.upper] + self.lowers, label=self.label)
+
+
+def _is_path(layer: str) -> bool:
+    return "/" in layer or layer in (".", "..")
+
+
+def find_layer(root: str, layer: str) -> str:
+    """The directory of ``layer`` (id, unique prefix, or path) in the store at ``root``."""
+    if _is_path(layer):
+        path = os.path.abspath(layer)
+        if not os.path.isdir(path):
+            raise OvlError(f"layer directory {layer} does not exist")
+        return path
+    if not os.path.isdir(root):
+        raise OvlError(f"store root {root} does not exist or is not a directory; "
+                       "pass --root DIR or set OVLFUSE_ROOT to your overlay2 directory")
+    if layer != "l" and os.path.isdir(os.path.join(root, layer)):
+        return os.path.join(root, layer)
+    if not _ID.match(layer):
+        raise OvlError(f"no layer {layer!r} in {root}: a layer is named by its id "
+                       f"(64 hex digits or a unique prefix of at least {MIN_PREFIX}) or by its directory")
+    if len(layer) < MIN_PREFIX:
+        raise OvlError(f"layer id prefix {layer!r} is too short: give at least {MIN_PREFIX} characters")
+    try:
+        names = os.listdir(root)
+    except OSError as e:
+        raise OvlError(f"cannot read store root {root}: {e.strerror}") from None
+    prefix, _, init = layer.partition("-")  # "<prefix>-init" names an -init layer
+    matches = sorted(n for n in names
+                     if n.startswith(prefix) and n.partition("-")[2] == init and n != "l")
+    if not matches:
+        raise OvlError(f"no layer {layer!r} in {root}; list the store with 'ls {root}'")
+    if len(matches) > 1:
+        shown = ", ".join(m[:16] for m in matches[:3])
+        raise OvlError(f"layer id prefix {layer!r} is ambiguous in {root} ({len(matches)} layers: {shown}...); "
+                       "give more characters")
+    return os.path.join(root, matches[0])
+
+
+def _real_dir(path: str, what: str) -> str:
+    """``path`` itself must be a directory, not a symlink to one."""
+    if os.path.islink(path):
+        raise OvlError(f"{what} {path} is a symlink; refusing to follow it out of the layer")
+    if not os.path.isdir(path):
+        raise OvlError(f"{what} {path} is missing or not a directory; is this an overlay2 layer?")
+    return path
+
+
+def _resolve_link(root: str, real_root: str, entry: str, layer_name: str) -> str:
+    """The diff directory behind one ``l/<LINK>`` entry of a ``lower`` file."""
+    head, _, link = entry.partition("/")
+    if head != "l" or not _LINK.match(link):
+        raise OvlError(f"layer {layer_name}: lower entry {entry!r} is not of the form l/<LINK>; the store is damaged")
+    link_path = os.path.join(root, "l", link)
+    if not os.path.lexists(link_path):
+        raise OvlError(f"layer {layer_name}: lower names {entry}, but {link_path} does not exist "
+                       "(a parent layer is missing; pull or rebuild the image)")
+    if not os.path.islink(link_path):
+        raise OvlError(f"{link_path} is not a symlink; the store's l/ directory is damaged")
+    target = os.readlink(link_path)
+    real = os.path.realpath(link_path)
+    rel = os.path.relpath(real, real_root)
+    parts = rel.split(os.sep)
+    if rel.startswith(os.pardir) or os.path.isabs(rel):
+        raise OvlError(f"{link_path} points outside the store root ({target}); refusing to use it")
+    if not os.path.isdir(real):
+        raise OvlError(f"{link_path} dangles: {target} does not exist (a parent layer was removed)")
+    if len(parts) != 2 or parts[1] != "diff" or parts[0] == "l":
+        raise OvlError(f"{link_path} points to {target}, which is not a layer's diff directory")
+    return real
+
+
+def read_chain(root: str, layer_dir: str) -> list[str]:
+    """The diff directories named by ``layer_dir/lower``, nearest first ([] for a base layer)."""
+    name = os.path.basename(layer_dir)
+    lower_file = os.path.join(layer_dir, "lower")
+    if not os.path.exists(lower_file):
+        return []
+    try:
+        with open(lower_file, encoding="utf-8") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OvlError(f"cannot read {lower_file}: {e}") from None
+    if not text:
+        raise OvlError(f"{lower_file} is empty; the layer's chain is damaged")
+    real_root = os.path.realpath(root)
+    own_diff = os.path.realpath(os.path.join(layer_dir, "diff"))
+    chain: list[str] = []
+    for entry in text.split(":"):
+        diff = _resolve_link(root, real_root, entry, name)
+        if diff in chain or diff == own_diff:
+            raise OvlError(f"layer {name}: its lower chain lists {entry} twice; the store is damaged")
+        chain.append(diff)
+    return chain
+
+
+def plan_from_store(root: str, layer: str, read_only: bool) -> MountPlan:
+    layer_dir = find_layer(root, layer)
+    store_root = os.path.dirname(layer_dir) if _is_path(layer) else root
+    diff = os.path.realpath(_real_dir(os.path.join(layer_dir, "diff"), "layer diff"))
+    lowers = read_chain(store_root, layer_dir)
+    work = os.path.realpath(os.path.join(layer_dir, "work"))
+    plan = MountPlan(lowers=lowers, upper=diff, workdir=work, label=os.path.basename(layer_dir))
+    if read_only or os.path.exists(os.path.join(layer_dir, "committed")):
+        return plan.as_read_only()
+    return plan
+
+
+def _existing_dir(path: str, option: str) -> str:
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise OvlError(f"{option} {path} does not exist or is not a directory")
+    return real
+
+
+def plan_from_options(opts: MountOptions, label: str | None) -> MountPlan:
+    if not opts.lowerdir:
+        raise OvlError("-o needs lowerdir=DIR[:DIR...] (and upperdir=, workdir= for a writable mount)")
+    lowers = [_existing_dir(p, "lowerdir") for p in opts.lowerdir]
+    name = label or opts.fsname or "ovlfuse"
+    if opts.upperdir is None:
+        return MountPlan(lowers=lowers, label=name)
+    if opts.workdir is None:
+        raise OvlError("upperdir needs workdir=DIR on the same filesystem, as for the kernel's overlay")
+    upper = _existing_dir(opts.upperdir, "upperdir")
+    work = _existing_dir(opts.workdir, "workdir")
+    if os.stat(upper).st_dev != os.stat(work).st_dev:
+        raise OvlError(f"workdir {opts.workdir} must be on the same filesystem as upperdir {opts.upperdir}")
+    if (work + "/").startswith(upper + "/") or (upper + "/").startswith(work + "/"):
+        raise OvlError("upperdir and workdir must be separate directories, neither inside the other")
+    if upper in lowers:
+        raise OvlError(f"upperdir {opts.upperdir} is also a lowerdir")
+    plan = MountPlan(lowers=lowers, upper=upper, workdir=work, label=name)
+    return plan.as_read_only() if opts.read_only else plan
