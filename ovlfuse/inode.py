@@ -34,7 +34,8 @@ def entry_attributes(entry: Entry) -> pyfuse3.EntryAttributes:
     attr.entry_timeout = CACHE_TIMEOUT
     attr.attr_timeout = CACHE_TIMEOUT
     attr.st_mode = st.st_mode
-    attr.st_nlink = 1 if entry.merged else st.st_nlink
+    # The kernel's root always merges at least two layers, so it reports 1 too.
+    attr.st_nlink = 1 if entry.merged or not entry.path else st.st_nlink
     attr.st_uid = st.st_uid
     attr.st_gid = st.st_gid
     attr.st_rdev = st.st_rdev
