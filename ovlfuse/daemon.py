@@ -110,17 +110,20 @@ async def _serve_until_unmounted() -> None:
         nursery.cancel_scope.cancel()
 
 
-def _detach_stdio(log_file: str | None) -> None:
+def _detach_stdio() -> None:
     null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log_file else null
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _configure_logging(opts: ServeOptions) -> None:
     level = logging.DEBUG if opts.debug else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    if opts.log_file:
+        logging.basicConfig(level=level, format=fmt, filename=opts.log_file)
+    else:
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     if not opts.debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
@@ -171,7 +174,7 @@ def _run(engine: MergeEngine, plan: MountPlan, mountpoint: str, opts: ServeOptio
             f.write(f"{os.getpid()}\n")
     if ready_fd is not None:
         os.chdir("/")
-        _detach_stdio(opts.log_file)
+        _detach_stdio()
         os.write(ready_fd, b"ok")
         os.close(ready_fd)
     _configure_logging(opts)
