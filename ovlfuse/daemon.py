@@ -143,6 +143,7 @@ def serve(plan: MountPlan, mountpoint: str, opts: ServeOptions) -> int:
         try:
             status = _run(engine, plan, mountpoint, opts, ready_fd=write_fd)
         except BaseException:  # noqa: BLE001 - the daemon must never return into the parent's code
+            log.exception("the daemon failed")
             status = 1
         os._exit(status)
     os.close(write_fd)

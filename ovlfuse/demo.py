@@ -163,7 +163,7 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument("dir", help="directory to create (must not exist or be empty)")
     ns = parser.parse_args(argv)
     target = os.path.abspath(ns.dir)
-    if os.path.exists(target) and os.listdir(target):
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise OvlError(f"{ns.dir} is not empty; give a new directory for the demo store")
     root = os.path.join(target, "overlay2")
     container, below = write_demo_store(root)

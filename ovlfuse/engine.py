@@ -80,12 +80,17 @@ class MergeEngine:
 
     # --- readdir -----------------------------------------------------------
     def opendir(self, ino: int) -> int:
-        return self.dirs.open(self.namei.index(self._directory(ino)))
+        directory = self._directory(ino)
+        return self.dirs.open(directory, self.namei.parent(directory), self.namei.index(directory))
 
-    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Entry, int]]:
-        """(name, entry, next offset) from ``start``; call ``remember`` for each one sent."""
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Entry, int, bool]]:
+        """(name, entry, next offset, counts) from ``start``.
+
+        ``counts``: the kernel takes a reference to the entry when it is sent
+        (readdirplus), so call ``nodes.remember`` for it; "." and ".." are not counted.
+        """
         for offset, (name, entry) in enumerate(self.dirs.entries(fh, start), start + 1):
-            yield name, entry, offset
+            yield name, entry, offset, name not in (b".", b"..")
 
     def releasedir(self, fh: int) -> None:
         self.dirs.release(fh)

@@ -207,6 +207,14 @@ class Namei:
             self._cached_entries -= len(evicted)
         return entries
 
+    def parent(self, directory: Entry) -> Entry:
+        """The entry of ``directory``'s parent (the root is its own parent)."""
+        entry = self.root
+        if b"/" in directory.path:
+            for name in directory.parent_path().split(b"/"):
+                entry = self.index(entry)[name]
+        return entry
+
     def lookup(self, directory: Entry, name: bytes) -> Entry | None:
         """The entry for ``name`` in ``directory``, or None if the merged view has no such name."""
         if len(name) > NAME_MAX:

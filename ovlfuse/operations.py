@@ -7,6 +7,7 @@ import logging
 import pyfuse3
 
 from ovlfuse.engine import MergeEngine
+from ovlfuse.inode import entry_attributes
 
 log = logging.getLogger("ovlfuse.requests")
 
@@ -41,10 +42,12 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def readdir(self, fh, start_id, token):
         log.debug("readdir %d from %d", fh, start_id)
-        remember = self.engine.nodes.remember
-        for name, entry, offset in self.engine.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, remember(entry), offset):
-                self.engine.nodes.forget(entry.ino, 1)  # not sent: not a reference
+        nodes = self.engine.nodes
+        for name, entry, offset, counts in self.engine.readdir(fh, start_id):
+            attr = nodes.remember(entry) if counts else entry_attributes(entry)
+            if not pyfuse3.readdir_reply(token, name, attr, offset):
+                if counts:
+                    nodes.forget(entry.ino, 1)  # not sent: not a reference
                 break
 
     async def releasedir(self, fh):

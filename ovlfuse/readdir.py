@@ -21,9 +21,9 @@ class DirHandles:
         self._handles: dict[int, list[tuple[bytes, Entry]]] = {}
         self._next = itertools.count(1)
 
-    def open(self, index: dict[bytes, Entry]) -> int:
+    def open(self, directory: Entry, parent: Entry, index: dict[bytes, Entry]) -> int:
         fh = next(self._next)
-        self._handles[fh] = list(index.items())
+        self._handles[fh] = [(b".", directory), (b"..", parent), *index.items()]
         return fh
 
     def entries(self, fh: int, start: int) -> list[tuple[bytes, Entry]]:

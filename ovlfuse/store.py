@@ -64,8 +64,8 @@ def find_layer(root: str, layer: str) -> str:
     if not _ID.match(layer):
         raise OvlError(f"no layer {layer!r} in {root}: a layer is named by its id "
                        f"(64 hex digits or a unique prefix of at least {MIN_PREFIX}) or by its directory")
-    if len(layer) < MIN_PREFIX:
-        raise OvlError(f"layer id prefix {layer!r} is too short: give at least {MIN_PREFIX} characters")
+    if len(layer.partition("-")[0]) < MIN_PREFIX:
+        raise OvlError(f"layer id prefix {layer!r} is too short: give at least {MIN_PREFIX} hex digits")
     try:
         names = os.listdir(root)
     except OSError as e:

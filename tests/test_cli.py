@@ -237,6 +237,7 @@ def test_unknown_layer(store, mnt):
 
 def test_short_prefix(store, mnt):
     _fails_cleanly(["--root", store.root, store.top.id[:5], mnt], store.root, mnt, "too short")
+    _fails_cleanly(["--root", store.root, store.top.id[:7] + "-init", mnt], store.root, mnt, "too short")
 
 
 def test_ambiguous_prefix(store, tmp_path, mnt):

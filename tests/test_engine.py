@@ -85,12 +85,12 @@ def test_index_cache_is_bounded_and_rebuilds(deep):
     for path in ("a", "a/b", "a/b/c", "names", "fill"):
         ino = _walk_to(engine, path)
         fh = engine.opendir(ino)
-        names[path] = sorted(n for n, _, _ in engine.readdir(fh, 0))
+        names[path] = sorted(n for n, _, _, _ in engine.readdir(fh, 0))
         engine.releasedir(fh)
     assert len(engine.namei._cache) < 5
     for path, listed in names.items():
         fh = engine.opendir(_walk_to(engine, path))
-        assert sorted(n for n, _, _ in engine.readdir(fh, 0)) == listed
+        assert sorted(n for n, _, _, _ in engine.readdir(fh, 0)) == listed
         engine.releasedir(fh)
 
 
@@ -159,3 +159,16 @@ def test_walk_survives_forgets(tmp_path):
         second = snapshot(str(mnt))
     assert differences(first, second) == []
     assert first.inos == second.inos
+
+
+def test_listing_has_dot_and_dotdot_like_the_kernel(tmp_path):
+    store = rich_store(str(tmp_path / "store"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with ovlfuse_mount(["--root", store.root, store.top.id, str(mnt)], str(mnt)):
+        for sub, parent in (("a/b", "a"), ("a", ""), ("", "")):
+            out = subprocess.run(["ls", "-ai", str(mnt / sub)], capture_output=True, text=True, check=True)
+            inos = {line.split()[1]: int(line.split()[0]) for line in out.stdout.splitlines()}
+            assert inos["."] == os.stat(mnt / sub).st_ino
+            if sub:
+                assert inos[".."] == os.stat(mnt / parent).st_ino
