@@ -12,7 +12,11 @@ from ovlfuse.errors import OvlError
 USAGE = """\
   ovlfuse [--root DIR] [--read-only] LAYER MOUNTPOINT
   ovlfuse -o lowerdir=A:B[,upperdir=U,workdir=W] [SOURCE] MOUNTPOINT
-  ovlfuse demo DIR"""
+  ovlfuse demo DIR
+  ovlfuse diff [--upper] [--no-times] [--json] A B
+  ovlfuse verify [--root DIR] LAYER | -o lowerdir=...
+  ovlfuse layers [--root DIR] [--json] LAYER
+  ovlfuse which [--root DIR] [--json] LAYER PATH"""
 
 EPILOG = """\
 LAYER is a layer id (64 hex digits, or a unique prefix of at least 12, as
@@ -52,26 +56,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _mount(argv: list[str]) -> int:
-    from ovlfuse.daemon import ServeOptions, serve
+def _plan(ns: argparse.Namespace, parser: argparse.ArgumentParser, positionals: int):
+    """The mount plan named by LAYER (with --root) or by -o lowerdir=...; ``positionals`` after it."""
     from ovlfuse.options import parse_options
     from ovlfuse.store import DEFAULT_ROOT, plan_from_options, plan_from_store
 
-    parser = _parser()
-    ns = parser.parse_intermixed_args(argv)
     opts = parse_options(ns.options)
     if opts.has_layers:
-        if len(ns.args) not in (1, 2):
-            parser.error("with -o lowerdir=..., give [SOURCE] MOUNTPOINT")
-        label = ns.args[0] if len(ns.args) == 2 else None
+        if len(ns.args) not in (positionals, positionals + 1):
+            parser.error("with -o lowerdir=..., give [SOURCE] " + " ".join(["MOUNTPOINT", "PATH"][:positionals]))
+        label = ns.args[0] if len(ns.args) == positionals + 1 else None
         plan = plan_from_options(opts, label)
         if ns.read_only:
             plan = plan.as_read_only()
     else:
-        if len(ns.args) != 2:
-            parser.error("give LAYER MOUNTPOINT, or -o lowerdir=... MOUNTPOINT")
+        if len(ns.args) != positionals + 1:
+            parser.error("give LAYER MOUNTPOINT, or -o lowerdir=... MOUNTPOINT" if positionals
+                         else "give LAYER, or -o lowerdir=...")
         root = ns.root or os.environ.get("OVLFUSE_ROOT") or DEFAULT_ROOT
         plan = plan_from_store(root, ns.args[0], ns.read_only or opts.read_only)
+    return plan, opts
+
+
+def _mount(argv: list[str]) -> int:
+    from ovlfuse.daemon import ServeOptions, serve
+
+    parser = _parser()
+    ns = parser.parse_intermixed_args(argv)
+    plan, opts = _plan(ns, parser, 1)
     serve_opts = ServeOptions(
         foreground=ns.foreground or (ns.debug and not ns.log_file),
         debug=ns.debug,
@@ -84,16 +96,92 @@ def _mount(argv: list[str]) -> int:
     return serve(plan, ns.args[-1], serve_opts)
 
 
+def _layer_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"ovlfuse {prog}", description=description)
+    parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="lowerdir=...[,upperdir=...] instead of LAYER")
+    parser.add_argument("--root", default=None, help="overlay2 store root (default: $OVLFUSE_ROOT or "
+                        "/var/lib/docker/overlay2)")
+    parser.add_argument("--read-only", action="store_true", help="treat the layer as committed")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _verify(argv: list[str]) -> int:
+    from ovlfuse.verify import KernelUnavailable, verify
+
+    parser = _layer_parser("verify", "Mount LAYER read-only with ovlfuse and with the kernel's overlay, "
+                           "and diff the two views. Exit 0 equal, 1 different, 2 error.")
+    parser.add_argument("--no-times", action="store_true", help="do not compare mtimes")
+    ns = parser.parse_intermixed_args(argv)
+    plan, _ = _plan(ns, parser, 0)
+    try:
+        return verify(plan, times=not ns.no_times, as_json=ns.json)
+    except KernelUnavailable as e:
+        print(f"ovlfuse: {e}", file=sys.stderr)
+        return 2
+
+
+def _layers(argv: list[str]) -> int:
+    from ovlfuse.layerinfo import chain_info, render
+
+    parser = _layer_parser("layers", "Show LAYER's chain top to bottom: ids, links, sizes, marker forms.")
+    ns = parser.parse_intermixed_args(argv)
+    plan, _ = _plan(ns, parser, 0)
+    layers = ([plan.upper] if plan.upper else []) + plan.lowers
+    print(render(chain_info(layers, writable_top=plan.upper is not None), ns.json))
+    return 0
+
+
+def _which(argv: list[str]) -> int:
+    from ovlfuse.layers import LayerStack
+    from ovlfuse.which import explain, render
+
+    parser = _layer_parser("which", "Tell which layer provides PATH in LAYER's merged view, what it "
+                           "shadows, or which whiteout or opaque dir hides it. Nothing is mounted.")
+    ns = parser.parse_intermixed_args(argv)
+    plan, _ = _plan(ns, parser, 1)
+    stack = LayerStack.open(plan.upper, plan.workdir, plan.lowers)
+    try:
+        print(render(explain(stack, ns.args[-1]), ns.json))
+    finally:
+        stack.close()
+    return 0
+
+
+def _diff(argv: list[str]) -> int:
+    from ovlfuse.diff import run_diff
+
+    parser = argparse.ArgumentParser(prog="ovlfuse diff", description="Compare two directory trees. "
+                                     "Exit 0 equal, 1 different, 2 error.")
+    parser.add_argument("a")
+    parser.add_argument("b")
+    parser.add_argument("--upper", action="store_true",
+                        help="compare upper/diff dirs: equivalent whiteout and opaque forms are equal, "
+                        "kernel bookkeeping xattrs are ignored")
+    parser.add_argument("--no-times", action="store_true", help="do not compare mtimes")
+    parser.add_argument("--json", action="store_true", help="machine-readable output (docs/diff-json.md)")
+    ns = parser.parse_args(argv)
+    return run_diff(ns.a, ns.b, upper=ns.upper, times=not ns.no_times, as_json=ns.json)
+
+
+COMMANDS = {"diff": _diff, "verify": _verify, "layers": _layers, "which": _which}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else ""
     try:
-        if argv[:1] == ["demo"]:
+        if command == "demo":
             from ovlfuse.demo import demo_main
 
             return demo_main(argv[1:])
+        if command in COMMANDS:
+            return COMMANDS[command](argv[1:])
         return _mount(argv)
     except OvlError as e:
         print(f"ovlfuse: {e}", file=sys.stderr)
-        return 1
+        return 2 if command in ("diff", "verify") else 1
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ SIGTERM/SIGINT/SIGHUP, and then unmounts and exits cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -131,6 +132,8 @@ def _configure_logging(opts: ServeOptions) -> None:
 def serve(plan: MountPlan, mountpoint: str, opts: ServeOptions) -> int:
     """Mount ``plan`` on ``mountpoint`` and serve it; returns the exit status."""
     mountpoint = check_mountpoint(mountpoint)
+    if os.environ.get("OVLFUSE_TEST_FAULT") == "drop-bottom-layer" and len(plan.lowers) > 1:
+        plan = dataclasses.replace(plan, lowers=plan.lowers[:-1])  # lets tests prove verify can fail
     stack = LayerStack.open(plan.upper, plan.workdir, plan.lowers)
     engine = MergeEngine(stack)
     if opts.foreground:

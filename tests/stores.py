@@ -17,6 +17,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ovlfuse.demo import LayerRef, StoreWriter
+from ovlfuse.layerinfo import to_kernel_forms
 
 LONG_NAME = "L" * 250 + ".long"  # 255 bytes
 UNICODE_NAMES = ["üñí©ødé", "日本語のファイル", "emoji-🙂", "sp ace", "tab\tname"]
@@ -192,29 +193,10 @@ def kernel_twin(store: Store, dest: str) -> Store:
     """A copy of ``store`` with every marker in the form a privileged kernel mount reads."""
     subprocess.run(["cp", "-a", store.root, dest], check=True)
     for layer in store.layers:
-        _to_kernel_markers(os.path.join(dest, os.path.basename(layer.dir), "diff"))
+        to_kernel_forms(os.path.join(dest, os.path.basename(layer.dir), "diff"))
     def moved(ref: LayerRef) -> LayerRef:
         return LayerRef(ref.id, ref.link, os.path.join(dest, os.path.basename(ref.dir)), ref.chain)
     return Store(dest, moved(store.top), moved(store.image_top), [moved(layer) for layer in store.layers])
-
-
-def _to_kernel_markers(diff: str) -> None:
-    for dirpath, dirnames, filenames in os.walk(diff):
-        for attr in ("user.overlay.opaque", "user.overlay.whiteout"):
-            try:
-                value = os.getxattr(dirpath, attr)
-            except OSError:
-                continue
-            os.removexattr(dirpath, attr)
-            os.setxattr(dirpath, "trusted." + attr.removeprefix("user."), value)
-        for name in list(filenames):
-            path = os.path.join(dirpath, name)
-            if name == ".wh..wh..opq":
-                os.unlink(path)
-                os.setxattr(dirpath, "trusted.overlay.opaque", b"y")
-            elif name.startswith(".wh."):
-                os.unlink(path)
-                device_whiteout(os.path.join(dirpath, name[4:]))
 
 
 def real_origins(diffs: list[str]) -> dict[int, tuple[int, frozenset[bytes]]]:

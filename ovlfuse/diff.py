@@ -1,0 +1,262 @@
+"""``ovlfuse diff A B``: compare two directory trees, optionally as overlay upper dirs.
+
+A tree is scanned into one record per path (type, mode, owner, size, symlink
+target, rdev, xattrs, mtime, inode for the hard-link structure).  Contents are
+hashed only where both sides have a regular file of the same size, in a
+thread pool.  ``upper`` mode first normalises overlay markers so equivalent
+forms compare equal: a ``.wh.`` file, a char 0:0 device and an xattr
+whiteout are all "whiteout"; ``.wh..wh..opq`` and the trusted/user opaque
+xattrs are all "opaque"; the kernel's bookkeeping xattrs are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from ovlfuse.markers import OPAQUE_FILE, OPAQUE_XATTRS, WH_PREFIX, WHITEOUT_XATTRS, is_device_whiteout
+
+BOOKKEEPING_XATTRS = {f"{ns}.overlay.{name}" for ns in ("trusted", "user") for name in ("origin", "impure", "uuid")}
+FIELDS = ("type", "mode", "owner", "size", "symlink", "rdev", "xattrs", "mtime", "content", "hardlink")
+
+
+@dataclass
+class Rec:
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ino: int
+    target: str | None = None
+    rdev: int = 0
+    xattrs: dict[str, str] = field(default_factory=dict)
+    opaque: bool = False
+
+
+def _type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "chardev"), (stat.S_ISBLK, "blockdev"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "unknown"
+
+
+def _show(value: bytes) -> str:
+    """xattr values as text when they are, hex otherwise (JSON-safe either way)."""
+    try:
+        text = value.decode()
+        if text.isprintable():
+            return text
+    except UnicodeDecodeError:
+        pass
+    return "0x" + value.hex()
+
+
+def _xattrs(path: bytes) -> dict[str, str]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        try:
+            out[name] = _show(os.getxattr(path, name, follow_symlinks=False))
+        except OSError:
+            continue
+    return out
+
+
+def scan(root: str, progress: Callable[[int], None] | None = None) -> dict[str, Rec]:
+    """One record per path below ``root`` (relative, "" for the root); symlinks are not followed."""
+    base = os.fsencode(root)
+    tree: dict[str, Rec] = {}
+    pending = [b""]
+    while pending:
+        rel = pending.pop()
+        path = os.path.join(base, rel) if rel else base
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue  # listed but gone (the kernel lists stray whiteouts it cannot stat)
+        kind = _type(st.st_mode)
+        rec = Rec(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size if kind != "dir" else 0,
+                  st.st_mtime_ns, st.st_ino, xattrs=_xattrs(path))
+        if kind == "symlink":
+            rec.target = os.fsdecode(os.readlink(path))
+        elif kind in ("chardev", "blockdev"):
+            rec.rdev = st.st_rdev
+        elif kind == "dir":
+            try:
+                names = os.listdir(path)
+            except OSError:
+                names = []
+            pending.extend(os.path.join(rel, n) if rel else n for n in names)
+        tree[os.fsdecode(rel)] = rec
+        if progress and len(tree) % 2000 == 0:
+            progress(len(tree))
+    return tree
+
+
+def normalise_upper(tree: dict[str, Rec]) -> dict[str, Rec]:
+    """Rewrite every whiteout and opaque form into one, and drop kernel bookkeeping."""
+    out: dict[str, Rec] = {}
+    opaque_dirs = set()
+    for path, rec in tree.items():
+        parent, _, name = path.rpartition("/")
+        if name == os.fsdecode(OPAQUE_FILE):
+            opaque_dirs.add(parent)
+            continue
+        is_whiteout = (rec.type == "chardev" and rec.rdev == 0) or (
+            rec.type == "file" and rec.size == 0 and any(x in rec.xattrs for x in WHITEOUT_XATTRS))
+        if name.startswith(os.fsdecode(WH_PREFIX)):
+            path = f"{parent}/{name[4:]}" if parent else name[4:]
+            is_whiteout = True
+        if is_whiteout:
+            out[path] = Rec("whiteout", 0, 0, 0, 0, 0, 0)
+            continue
+        rec = Rec(**asdict(rec))
+        if rec.type == "dir" and any(rec.xattrs.get(x, "")[:1] == "y" for x in OPAQUE_XATTRS):
+            rec.opaque = True
+        rec.xattrs = {k: v for k, v in rec.xattrs.items()
+                      if k not in BOOKKEEPING_XATTRS and k not in OPAQUE_XATTRS}
+        out[path] = rec
+    for path in opaque_dirs:
+        if path in out:
+            out[path].opaque = True
+    return out
+
+
+def _hash(path: bytes) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Difference:
+    path: str
+    kind: str  # one of FIELDS, or "only-in-a" / "only-in-b"
+    a: object = None
+    b: object = None
+
+
+def _hardlink_groups(tree: dict[str, Rec]) -> dict[str, frozenset[str]]:
+    by_ino: dict[int, set[str]] = {}
+    for path, rec in tree.items():
+        if rec.type not in ("dir", "whiteout"):
+            by_ino.setdefault(rec.ino, set()).add(path)
+    return {p: frozenset(g) for g in by_ino.values() if len(g) > 1 for p in g}
+
+
+def compare(a_root: str, b_root: str, a: dict[str, Rec], b: dict[str, Rec], times: bool = True,
+            workers: int = 8) -> list[Difference]:
+    diffs: list[Difference] = []
+    for path in sorted(a.keys() - b.keys()):
+        diffs.append(Difference(path, "only-in-a", a[path].type))
+    for path in sorted(b.keys() - a.keys()):
+        diffs.append(Difference(path, "only-in-b", b[path].type))
+    to_hash: list[str] = []
+    for path in sorted(a.keys() & b.keys()):
+        x, y = a[path], b[path]
+        if x.type != y.type:
+            diffs.append(Difference(path, "type", x.type, y.type))
+            continue
+        checks = [("mode", oct(x.mode), oct(y.mode)), ("owner", f"{x.uid}:{x.gid}", f"{y.uid}:{y.gid}"),
+                  ("size", x.size, y.size), ("symlink", x.target, y.target), ("rdev", x.rdev, y.rdev),
+                  ("xattrs", x.xattrs, y.xattrs), ("opaque", x.opaque, y.opaque)]
+        if times and x.type not in ("dir", "symlink", "whiteout"):
+            checks.append(("mtime", x.mtime_ns, y.mtime_ns))
+        diffs.extend(Difference(path, kind, u, v) for kind, u, v in checks if u != v)
+        if x.type == "file" and x.size == y.size and x.size > 0:
+            to_hash.append(path)
+    ga, gb = _hardlink_groups(a), _hardlink_groups(b)
+    for path in sorted(a.keys() & b.keys()):
+        if ga.get(path, frozenset()) != gb.get(path, frozenset()):
+            diffs.append(Difference(path, "hardlink", sorted(ga.get(path, [])), sorted(gb.get(path, []))))
+    if to_hash:
+        ab, bb = os.fsencode(a_root), os.fsencode(b_root)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            ha = pool.map(lambda p: _hash(os.path.join(ab, os.fsencode(p))), to_hash)
+            hb = pool.map(lambda p: _hash(os.path.join(bb, os.fsencode(p))), to_hash)
+            for path, x, y in zip(to_hash, ha, hb):
+                if x != y:
+                    diffs.append(Difference(path, "content", x[:16], y[:16]))
+    return diffs
+
+
+def report(a_root: str, b_root: str, diffs: list[Difference], colour: bool) -> str:
+    if not diffs:
+        return f"equal: {a_root} and {b_root}"
+    red, green, bold, off = ("\033[31m", "\033[32m", "\033[1m", "\033[0m") if colour else ("",) * 4
+    groups: dict[str, list[Difference]] = {}
+    for d in diffs:
+        groups.setdefault(d.kind, []).append(d)
+    lines = [f"{bold}{len(diffs)} differences between {a_root} (a) and {b_root} (b){off}"]
+    for kind, items in groups.items():
+        lines.append(f"{bold}{kind}{off} ({len(items)})")
+        for d in items[:50]:
+            if kind == "only-in-a":
+                lines.append(f"  {red}- {d.path or '/'}{off} ({d.a})")
+            elif kind == "only-in-b":
+                lines.append(f"  {green}+ {d.path or '/'}{off} ({d.b})")
+            else:
+                lines.append(f"  {d.path or '/'}: {red}{d.a}{off} -> {green}{d.b}{off}")
+        if len(items) > 50:
+            lines.append(f"  ... {len(items) - 50} more")
+    return "\n".join(lines)
+
+
+def to_json(a_root: str, b_root: str, diffs: list[Difference], files: tuple[int, int]) -> str:
+    counts: dict[str, int] = {}
+    for d in diffs:
+        counts[d.kind] = counts.get(d.kind, 0) + 1
+    return json.dumps({
+        "schema": "ovlfuse-diff/1",
+        "a": a_root,
+        "b": b_root,
+        "equal": not diffs,
+        "entries": {"a": files[0], "b": files[1]},
+        "counts": counts,
+        "differences": [asdict(d) for d in diffs],
+    }, indent=2, default=str)
+
+
+def run_diff(a_root: str, b_root: str, upper: bool = False, times: bool = True, as_json: bool = False,
+             out=None) -> int:
+    """Scan, compare and print; returns 0 equal, 1 different (errors raise OvlError)."""
+    from ovlfuse.errors import OvlError
+
+    out = out or sys.stdout
+    for root in (a_root, b_root):
+        if not os.path.isdir(root):
+            raise OvlError(f"{root} is not a directory")
+    tty = sys.stderr.isatty() and not as_json
+    started = time.monotonic()
+
+    def progress(n: int) -> None:
+        if tty and time.monotonic() - started > 1:
+            print(f"\rscanned {n} entries...", end="", file=sys.stderr, flush=True)
+
+    a, b = scan(a_root, progress), scan(b_root, progress)
+    if tty and time.monotonic() - started > 1:
+        print("\r", end="", file=sys.stderr)
+    if upper:
+        a, b = normalise_upper(a), normalise_upper(b)
+    diffs = compare(a_root, b_root, a, b, times=times)
+    if as_json:
+        print(to_json(a_root, b_root, diffs, (len(a), len(b))), file=out)
+    else:
+        print(report(a_root, b_root, diffs, colour=out.isatty()), file=out)
+    return 1 if diffs else 0
