@@ -215,3 +215,12 @@ def test_which_on_a_deep_chain(deep):
     result = run_ovlfuse("which", "--root", deep.root, deep.top.id, "/a/b/c/d/e/deep0")
     assert result.returncode == 0
     assert result.stdout.startswith("/a/b/c/d/e/deep0: file from layer 125")
+
+
+def test_verify_the_demo_store(tmp_path):
+    assert run_ovlfuse("demo", str(tmp_path / "demo")).returncode == 0
+    root = str(tmp_path / "demo" / "overlay2")
+    for name in sorted(os.listdir(root)):
+        if name != "l":
+            result = run_ovlfuse("verify", "--root", root, name, timeout=300)
+            assert result.returncode == 0, (name, result.stdout, result.stderr)
