@@ -114,10 +114,11 @@ def _verify(argv: list[str]) -> int:
     parser = _layer_parser("verify", "Mount LAYER read-only with ovlfuse and with the kernel's overlay, "
                            "and diff the two views. Exit 0 equal, 1 different, 2 error.")
     parser.add_argument("--no-times", action="store_true", help="do not compare mtimes")
+    parser.add_argument("--in-user-namespace", action="store_true", help=argparse.SUPPRESS)
     ns = parser.parse_intermixed_args(argv)
     plan, _ = _plan(ns, parser, 0)
     try:
-        return verify(plan, times=not ns.no_times, as_json=ns.json)
+        return verify(plan, times=not ns.no_times, as_json=ns.json, userxattr=ns.in_user_namespace)
     except KernelUnavailable as e:
         print(f"ovlfuse: {e}", file=sys.stderr)
         return 2

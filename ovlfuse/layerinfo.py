@@ -110,27 +110,29 @@ def render(infos: list[LayerInfo], as_json: bool) -> str:
     return "\n".join(lines)
 
 
-def to_kernel_forms(diff: str) -> None:
-    """Rewrite a layer directory's markers into the forms a privileged kernel mount reads.
+def to_kernel_forms(diff: str, userxattr: bool = False) -> None:
+    """Rewrite a layer directory's markers into the forms a kernel mount reads.
 
-    Used on a private copy only (``verify`` of stores with OCI or user-namespace
-    markers); never on a store.
+    Privileged mounts read ``trusted.overlay.*``, ``-o userxattr`` mounts
+    ``user.overlay.*``; neither reads OCI ``.wh.`` files.  Used on a private
+    copy only (``verify``), never on a store.
     """
+    ours, other = ("user", "trusted") if userxattr else ("trusted", "user")
+
+    def move(path: str, attr: str) -> None:
+        value = _xattr(os.fsencode(path), f"{other}.overlay.{attr}")
+        if value is not None:
+            os.removexattr(path, f"{other}.overlay.{attr}")
+            os.setxattr(path, f"{ours}.overlay.{attr}", value)
+
     for dirpath, dirnames, filenames in os.walk(diff):
-        for attr in ("user.overlay.opaque", "user.overlay.whiteout"):
-            value = _xattr(os.fsencode(dirpath), attr)
-            if value is not None:
-                os.removexattr(dirpath, attr)
-                os.setxattr(dirpath, "trusted." + attr.removeprefix("user."), value)
+        move(dirpath, "opaque")
         for name in filenames:
             path = os.path.join(dirpath, name)
-            value = _xattr(os.fsencode(path), "user.overlay.whiteout")
-            if value is not None:
-                os.removexattr(path, "user.overlay.whiteout")
-                os.setxattr(path, "trusted.overlay.whiteout", value)
+            move(path, "whiteout")
             if name == os.fsdecode(OPAQUE_FILE):
                 os.unlink(path)
-                os.setxattr(dirpath, "trusted.overlay.opaque", b"y")
+                os.setxattr(dirpath, f"{ours}.overlay.opaque", b"y")
             elif name.startswith(os.fsdecode(WH_PREFIX)):
                 os.unlink(path)
                 os.mknod(os.path.join(dirpath, name[len(WH_PREFIX):]), stat.S_IFCHR, os.makedev(0, 0))

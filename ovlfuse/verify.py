@@ -1,15 +1,19 @@
 """``ovlfuse verify``: mount a layer read-only with ovlfuse and with the kernel, and diff the views.
 
 Nothing is written to the store.  The kernel reads only its own marker forms,
-so when a chain holds OCI ``.wh.`` files or ``user.overlay.*`` markers, the
-kernel is given a private converted copy of those layers (reflinked where the
-filesystem allows) in a temporary directory.  Deep chains are mounted through
-short symlinks so the kernel's option string stays under one page.
+so when a chain holds OCI ``.wh.`` files or markers of the other xattr
+namespace, the kernel is given a private converted copy of those layers
+(reflinked where the filesystem allows) in a temporary directory.  Deep chains
+are mounted through short symlinks so the kernel's option string stays under
+one page.  An ordinary user verifies inside a user namespace (``unshare
+-Urm``), where both mounts are possible and the kernel reads ``user.overlay.*``
+markers (``-o userxattr``); both views then show the same owner mapping.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +28,8 @@ from ovlfuse.errors import OvlError
 from ovlfuse.layerinfo import census, to_kernel_forms
 from ovlfuse.store import MountPlan
 
-NEEDS_CONVERSION = {"whiteout-oci", "opaque-oci", "opaque-user"}
+def _needs_conversion(userxattr: bool) -> set[str]:
+    return {"whiteout-oci", "opaque-oci", "opaque-trusted" if userxattr else "opaque-user"}
 
 
 class KernelUnavailable(OvlError):
@@ -39,7 +44,7 @@ def _unmount(path: str) -> None:
 
 
 @contextmanager
-def kernel_view(lowers: list[str], tmp: str) -> Iterator[str]:
+def kernel_view(lowers: list[str], tmp: str, userxattr: bool = False) -> Iterator[str]:
     """A read-only kernel overlay of ``lowers`` (top first)."""
     links = os.path.join(tmp, "k-links")
     os.mkdir(links)
@@ -51,7 +56,8 @@ def kernel_view(lowers: list[str], tmp: str) -> Iterator[str]:
         names.append("empty")
     mnt = os.path.join(tmp, "kernel")
     os.mkdir(mnt)
-    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", "ro,lowerdir=" + ":".join(names), mnt],
+    options = ("ro,userxattr," if userxattr else "ro,") + "lowerdir=" + ":".join(names)
+    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, mnt],
                             cwd=links, capture_output=True, text=True)
     if result.returncode != 0:
         why = result.stderr.strip().splitlines()[0] if result.stderr.strip() else f"exit {result.returncode}"
@@ -68,9 +74,8 @@ def ovlfuse_view(lowers: list[str], tmp: str) -> Iterator[str]:
     mnt = os.path.join(tmp, "ovlfuse")
     os.mkdir(mnt)
     pid_file = os.path.join(tmp, "ovlfuse.pid")
-    escaped = ":".join(p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,") for p in lowers)
     result = subprocess.run([sys.executable, "-m", "ovlfuse", "--pid-file", pid_file, "-o",
-                             "lowerdir=" + escaped, mnt], capture_output=True, text=True)
+                             "lowerdir=" + escape_layers(lowers), mnt], capture_output=True, text=True)
     if result.returncode != 0:
         raise OvlError(result.stderr.strip().removeprefix("ovlfuse: ") or "ovlfuse could not mount the layer")
     pid = int(open(pid_file).read())
@@ -89,27 +94,45 @@ def ovlfuse_view(lowers: list[str], tmp: str) -> Iterator[str]:
             os.kill(pid, signal.SIGKILL)
 
 
-def _kernel_readable(lowers: list[str], tmp: str) -> list[str]:
+def _kernel_readable(lowers: list[str], tmp: str, userxattr: bool) -> list[str]:
     """The layers as the kernel must see them: converted private copies where needed."""
     out = []
     for i, diff in enumerate(lowers):
-        forms = census(diff)[2]
-        if not NEEDS_CONVERSION & set(forms):
+        if not _needs_conversion(userxattr) & set(census(diff)[2]):
             out.append(diff)
             continue
         copy = os.path.join(tmp, f"converted-{i}")
         subprocess.run(["cp", "-a", "--reflink=auto", diff, copy], check=True)
-        to_kernel_forms(copy)
+        to_kernel_forms(copy, userxattr)
         out.append(copy)
     return out
 
 
-def verify(plan: MountPlan, times: bool = True, as_json: bool = False) -> int:
+def escape_layers(paths: list[str]) -> str:
+    """A lowerdir= value: the kernel's escapes for ':' , ',' and '\\'."""
+    return ":".join(p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,") for p in paths)
+
+
+def _in_user_namespace(plan: MountPlan, times: bool, as_json: bool) -> int:
+    """Run verify again as root of a new user and mount namespace."""
+    if shutil.which("unshare") is None:
+        raise KernelUnavailable("verify needs root, or unshare(1) (util-linux) to use a user namespace")
+    command = ["unshare", "-Urm", sys.executable, "-m", "ovlfuse", "verify", "--in-user-namespace",
+               plan.label, "-o", "lowerdir=" + escape_layers(plan.as_read_only().lowers)]
+    command += ([] if times else ["--no-times"]) + (["--json"] if as_json else [])
+    status = subprocess.run(command).returncode
+    if status not in (0, 1, 2):
+        raise KernelUnavailable(f"could not verify in a user namespace (unshare exit {status}); "
+                                "are unprivileged user namespaces enabled?")
+    return status
+
+
+def verify(plan: MountPlan, times: bool = True, as_json: bool = False, userxattr: bool = False) -> int:
     if os.geteuid() != 0:
-        raise KernelUnavailable("verify mounts the kernel's overlay, which needs root here; run it as root")
+        return _in_user_namespace(plan, times, as_json)
     lowers = plan.as_read_only().lowers
     with tempfile.TemporaryDirectory(prefix="ovlfuse-verify.") as tmp, ExitStack() as mounts:
-        kernel = mounts.enter_context(kernel_view(_kernel_readable(lowers, tmp), tmp))
+        kernel = mounts.enter_context(kernel_view(_kernel_readable(lowers, tmp, userxattr), tmp, userxattr))
         ours = mounts.enter_context(ovlfuse_view(lowers, tmp))
         expected, actual = scan(kernel), scan(ours)
         diffs = compare(kernel, ours, expected, actual, times=times)

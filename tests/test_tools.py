@@ -224,3 +224,29 @@ def test_verify_the_demo_store(tmp_path):
         if name != "l":
             result = run_ovlfuse("verify", "--root", root, name, timeout=300)
             assert result.returncode == 0, (name, result.stdout, result.stderr)
+
+
+def test_verify_as_an_ordinary_user(tmp_path):
+    """An ordinary user verifies inside a user namespace, with user.overlay.* markers."""
+    from users import ordinary_user
+
+    with ordinary_user() as user:
+        store = rich_store(os.path.join(user.home, "overlay2"))
+        for layer in store.layers:
+            for dirpath, dirnames, filenames in os.walk(layer.diff):
+                for path in [dirpath] + [os.path.join(dirpath, n) for n in filenames]:
+                    for attr in ("opaque", "whiteout"):
+                        try:
+                            value = os.getxattr(path, f"trusted.overlay.{attr}", follow_symlinks=False)
+                        except OSError:
+                            continue
+                        os.removexattr(path, f"trusted.overlay.{attr}", follow_symlinks=False)
+                        os.setxattr(path, f"user.overlay.{attr}", value, follow_symlinks=False)
+        user.own(store.root)
+        before = fingerprint(store.root)
+        result = user.run("verify", "--root", store.root, store.top.id)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.startswith("equal")
+        faulty = user.run("verify", "--root", store.root, store.top.id, env={"OVLFUSE_TEST_FAULT": "drop-bottom-layer"})
+        assert faulty.returncode == 1, faulty.stdout + faulty.stderr
+        assert fingerprint(store.root) == before
