@@ -2,8 +2,8 @@
 
 A tree is scanned into one record per path (type, mode, owner, size, symlink
 target, rdev, xattrs, mtime, inode for the hard-link structure).  Contents are
-hashed only where both sides have a regular file of the same size, in a
-thread pool.  ``upper`` mode first normalises overlay markers so equivalent
+compared only where both sides have a regular file of the same size, in a
+thread pool, and hashed only to report a difference.  ``upper`` mode first normalises overlay markers so equivalent
 forms compare equal: a ``.wh.`` file, a char 0:0 device and an xattr
 whiteout are all "whiteout"; ``.wh..wh..opq`` and the trusted/user opaque
 xattrs are all "opaque"; the kernel's bookkeeping xattrs are dropped.
@@ -136,6 +136,17 @@ def normalise_upper(tree: dict[str, Rec]) -> dict[str, Rec]:
     return out
 
 
+def _same_content(a: bytes, b: bytes) -> bool:
+    """Byte-for-byte comparison that stops at the first difference."""
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
 def _hash(path: bytes) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -161,7 +172,7 @@ def _hardlink_groups(tree: dict[str, Rec]) -> dict[str, frozenset[str]]:
 
 
 def compare(a_root: str, b_root: str, a: dict[str, Rec], b: dict[str, Rec], times: bool = True,
-            workers: int = 8) -> list[Difference]:
+            workers: int = 4) -> list[Difference]:
     diffs: list[Difference] = []
     for path in sorted(a.keys() - b.keys()):
         diffs.append(Difference(path, "only-in-a", a[path].type))
@@ -187,12 +198,14 @@ def compare(a_root: str, b_root: str, a: dict[str, Rec], b: dict[str, Rec], time
             diffs.append(Difference(path, "hardlink", sorted(ga.get(path, [])), sorted(gb.get(path, []))))
     if to_hash:
         ab, bb = os.fsencode(a_root), os.fsencode(b_root)
+        pairs = [(os.path.join(ab, os.fsencode(p)), os.path.join(bb, os.fsencode(p))) for p in to_hash]
+        batches = [pairs[i:i + 256] for i in range(0, len(pairs), 256)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            ha = pool.map(lambda p: _hash(os.path.join(ab, os.fsencode(p))), to_hash)
-            hb = pool.map(lambda p: _hash(os.path.join(bb, os.fsencode(p))), to_hash)
-            for path, x, y in zip(to_hash, ha, hb):
-                if x != y:
-                    diffs.append(Difference(path, "content", x[:16], y[:16]))
+            same = [flag for batch in pool.map(lambda batch: [_same_content(*pair) for pair in batch], batches)
+                    for flag in batch]
+        for path, (pa, pb), equal in zip(to_hash, pairs, same):
+            if not equal:
+                diffs.append(Difference(path, "content", _hash(pa)[:16], _hash(pb)[:16]))
     return diffs
 
 
