@@ -95,6 +95,8 @@ def _base_content(d: str) -> None:
     for name in UNICODE_NAMES:
         write(f"{d}/names/{name}", name)
     write(f"{d}/names/{LONG_NAME}", "long\n")
+    with open(os.fsencode(f"{d}/names/") + b"latin1-\xe9-not-utf8", "wb") as f:
+        f.write(b"bytes name\n")
     mkdirs(f"{d}/dir-becomes-file/sub")
     write(f"{d}/dir-becomes-file/sub/x", "x\n")
     write(f"{d}/file-becomes-dir", "file\n")

@@ -172,3 +172,13 @@ def test_listing_has_dot_and_dotdot_like_the_kernel(tmp_path):
             assert inos["."] == os.stat(mnt / sub).st_ino
             if sub:
                 assert inos[".."] == os.stat(mnt / parent).st_ino
+
+
+def test_statfs_reports_the_upper_filesystem(tmp_path):
+    store = rich_store(str(tmp_path / "store"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with ovlfuse_mount(["--root", store.root, store.top.id, str(mnt)], str(mnt)):
+        ours, real = os.statvfs(mnt), os.statvfs(store.top.diff)
+    assert ours.f_namemax == real.f_namemax == 255
+    assert ours.f_blocks == real.f_blocks and ours.f_bsize == real.f_bsize
