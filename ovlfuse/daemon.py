@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -84,6 +85,13 @@ def fuse_options(plan: MountPlan, opts: ServeOptions) -> set[str]:
     return options
 
 
+def _raise_fd_limit() -> None:
+    """Every layer keeps a directory fd open: allow as many fds as the system lets us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _raise_read_ahead(mountpoint: str) -> None:
     """Ask for 1 MiB reads (root only): about twice the throughput of the default."""
     device = mount_points().get(mountpoint)
@@ -134,6 +142,7 @@ def serve(plan: MountPlan, mountpoint: str, opts: ServeOptions) -> int:
     mountpoint = check_mountpoint(mountpoint)
     if os.environ.get("OVLFUSE_TEST_FAULT") == "drop-bottom-layer" and len(plan.lowers) > 1:
         plan = dataclasses.replace(plan, lowers=plan.lowers[:-1])  # lets tests prove verify can fail
+    _raise_fd_limit()
     stack = LayerStack.open(plan.upper, plan.workdir, plan.lowers)
     engine = MergeEngine(stack)
     if opts.foreground:
