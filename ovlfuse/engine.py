@@ -3,24 +3,64 @@
 ``operations.OverlayOperations`` forwards requests here one to one, so the
 engine can be driven directly in tests.  It owns the layer stack, the merged
 index cache (``namei``), the node table (``inode``), open directories
-(``readdir``) and open files (``file``).
+(``readdir``) and open files (``file``); with an upper layer also the workdir,
+copy-up (``copyup``) and directory operations (``dirops``).
+
+Changes run one at a time under a write lock (copy-up may wait for a worker
+thread; reads go on meanwhile).  After each change the engine keeps its
+entries and nodes pointing at the objects as they now are, and tells the
+kernel what it cannot know: attributes of directories that a copy-up changed,
+and names whose object a copy-up replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import os
 import stat
 from collections.abc import Iterator
 
 import pyfuse3
+import trio
 
 from ovlfuse import inode
-from ovlfuse.file import OpenFiles
+from ovlfuse.copyup import CopyUp, Workdir
+from ovlfuse.dirops import DirOps
+from ovlfuse.file import WRITE_FLAGS, OpenFiles
 from ovlfuse.inode import NodeTable, entry_attributes, negative_entry
 from ovlfuse.layers import LayerStack
+from ovlfuse.markers import stored_xattr
 from ovlfuse.namei import Entry, Namei
 from ovlfuse.readdir import DirHandles
+
+
+class KernelCaches:
+    """Invalidation of the kernel's caches; does nothing until a FUSE session exists."""
+
+    def attributes(self, ino: int) -> None:
+        pass
+
+    def entry(self, parent: int, name: bytes) -> None:
+        pass
+
+
+class FuseKernelCaches(KernelCaches):
+    def attributes(self, ino: int) -> None:
+        with contextlib.suppress(OSError):  # attributes only: safe from inside a handler
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+
+    def entry(self, parent: int, name: bytes) -> None:
+        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
+
+@contextlib.contextmanager
+def _errno() -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise pyfuse3.FUSEError(e.errno) from None
 
 
 class MergeEngine:
@@ -30,6 +70,15 @@ class MergeEngine:
         self.nodes = NodeTable(self.namei.root)
         self.dirs = DirHandles()
         self.files = OpenFiles()
+        self.kernel = KernelCaches()
+        self._lock = trio.Lock()
+        self.work: Workdir | None = None
+        self.copyup: CopyUp | None = None
+        self.dirops: DirOps | None = None
+        if stack.upper is not None and stack.workdir is not None:
+            self.work = Workdir(stack.workdir)
+            self.copyup = CopyUp(stack, self.namei, self.work)
+            self.dirops = DirOps(stack, self.namei, self.copyup, self.work)
 
     def _entry(self, ino: int) -> Entry:
         return self.nodes.get(ino).entry
@@ -56,7 +105,9 @@ class MergeEngine:
 
     # --- attributes --------------------------------------------------------
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
-        return entry_attributes(self._entry(ino))
+        entry = self._entry(ino)
+        inode.refresh(entry)
+        return entry_attributes(entry)
 
     def readlink(self, ino: int) -> bytes:
         node = self.nodes.get(ino)
@@ -96,20 +147,248 @@ class MergeEngine:
         self.dirs.release(fh)
 
     # --- file I/O ------------------------------------------------------------
-    def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+    async def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         entry = self._entry(ino)
         if stat.S_ISDIR(entry.st.st_mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        try:
-            return self.files.open(entry, flags)
-        except OSError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
+        with _errno():
+            if not flags & WRITE_FLAGS or self.copyup is None:
+                return self.files.open(entry, flags)
+            async with self._lock:
+                entry = self._canonical(ino)
+                replaced = await self._copy_up(entry)
+                return self.files.open(entry, flags, direct_io=replaced)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         return await self.files.read(fh, offset, size)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        with _errno():
+            return self.files.write(fh, offset, data)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        with _errno():
+            await self.files.fsync(fh, datasync)
 
     def release(self, fh: int) -> None:
         self.files.release(fh)
 
     def close(self) -> None:
+        if self.work is not None:
+            self.work.close()
         self.stack.close()
+
+    # --- changes ----------------------------------------------------------------
+    def _ops(self) -> DirOps:
+        if self.dirops is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self.dirops
+
+    def _canonical(self, ino: int) -> Entry:
+        """The node's entry as the current index has it (indexes may have been rebuilt)."""
+        node = self.nodes.get(ino)
+        current = self.namei.resolve(node.entry.path)
+        if current is not None and current.ino == node.entry.ino:
+            node.entry = current
+        return node.entry
+
+    def _directory_now(self, ino: int) -> Entry:
+        entry = self._canonical(ino)
+        if not entry.dirs:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return entry
+
+    def _settle(self) -> None:
+        """Tell the kernel about directories whose upper part a copy-up changed."""
+        assert self.copyup is not None
+        for directory in self.copyup.touched:
+            inode.refresh(directory)
+            self.kernel.attributes(directory.ino)
+        self.copyup.touched.clear()
+
+    async def _copy_up(self, entry: Entry) -> bool:
+        """Copy ``entry`` up; True when that gave it a new node (a lower hard link broke)."""
+        assert self.copyup is not None
+        if entry.layer.is_upper:
+            return False
+        before = dataclasses.replace(entry)
+        try:
+            await self.copyup.copy_up(entry)
+        finally:
+            self._settle()
+        if entry.ino == before.ino:
+            return False
+        node = self.nodes.find(before.ino)
+        if node is not None and node.entry is entry:
+            node.entry = before  # the other names still show the lower object
+        parent = self.namei.resolve(entry.parent_path())
+        if parent is not None:
+            self.kernel.entry(parent.ino, entry.name)
+        return True
+
+    def _owner(self, parent: Entry, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """Owner of a new object: the caller, with the group of a set-group-ID parent."""
+        gid = parent.st.st_gid if parent.st.st_mode & stat.S_ISGID else ctx.gid
+        return ctx.uid, gid
+
+    def _new(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        self._settle()
+        return self.nodes.remember(entry)
+
+    async def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        ops = self._ops()
+        opened: list[int] = []
+        async with self._lock:
+            parent = self._directory_now(parent_ino)
+
+            def build(dirfd: int, new: bytes) -> None:
+                uid, gid = self._owner(parent, ctx)
+                fd = os.open(new, (flags & os.O_ACCMODE) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=dirfd)
+                opened.append(fd)
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, stat.S_IMODE(mode) & ~ctx.umask)
+
+            try:
+                with _errno():
+                    entry = ops.place(parent, name, build, is_dir=False)
+            except BaseException:
+                for fd in opened:
+                    os.close(fd)
+                raise
+            return self.files.adopt(opened[0], entry), self._new(entry)
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ops = self._ops()
+        async with self._lock:
+            parent = self._directory_now(parent_ino)
+            perms = stat.S_IMODE(mode) & ~ctx.umask | (parent.st.st_mode & stat.S_ISGID)
+
+            def build(dirfd: int, new: bytes) -> None:
+                os.mkdir(new, 0o700, dir_fd=dirfd)
+                os.chown(new, *self._owner(parent, ctx), dir_fd=dirfd, follow_symlinks=False)
+                os.chmod(new, perms, dir_fd=dirfd)
+
+            with _errno():
+                return self._new(ops.place(parent, name, build, is_dir=True))
+
+    async def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ops = self._ops()
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise pyfuse3.FUSEError(errno.EPERM)  # that is a whiteout; the kernel refuses it too
+        async with self._lock:
+            parent = self._directory_now(parent_ino)
+
+            def build(dirfd: int, new: bytes) -> None:
+                os.mknod(new, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dirfd)
+                os.chown(new, *self._owner(parent, ctx), dir_fd=dirfd, follow_symlinks=False)
+                os.chmod(new, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=dirfd)
+
+            with _errno():
+                return self._new(ops.place(parent, name, build, is_dir=False))
+
+    async def symlink(self, parent_ino: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ops = self._ops()
+        async with self._lock:
+            parent = self._directory_now(parent_ino)
+
+            def build(dirfd: int, new: bytes) -> None:
+                os.symlink(target, new, dir_fd=dirfd)
+                os.chown(new, *self._owner(parent, ctx), dir_fd=dirfd, follow_symlinks=False)
+
+            with _errno():
+                return self._new(ops.place(parent, name, build, is_dir=False))
+
+    async def link(self, ino: int, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
+        ops = self._ops()
+        async with self._lock:
+            entry = self._canonical(ino)
+            parent = self._directory_now(parent_ino)
+            with _errno():
+                await self._copy_up(entry)
+                return self._new(await ops.link(entry, parent, name))
+
+    def _unlinked(self, entry: Entry) -> None:
+        """Keep the node of a removed name's object pointing at a name that still exists."""
+        if not entry.layer.is_upper:
+            return
+        node = self.nodes.find(entry.ino)
+        if entry.st.st_nlink <= 1:
+            self.stack.copied_inos.pop(entry.st.st_ino, None)
+        elif node is not None and node.entry is entry:
+            other = self.namei.find_ino(entry.ino, entry)
+            if other is not None:
+                node.entry = other
+
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        ops = self._ops()
+        async with self._lock:
+            parent = self._directory_now(parent_ino)
+            with _errno():
+                self._unlinked(ops.unlink(parent, name))
+            self._settle()
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        ops = self._ops()
+        async with self._lock:
+            parent = self._directory_now(parent_ino)
+            with _errno():
+                ops.rmdir(parent, name)
+            self._settle()
+
+    async def rename(self, p1_ino: int, n1: bytes, p2_ino: int, n2: bytes, flags: int) -> None:
+        ops = self._ops()
+        async with self._lock:
+            p1 = self._directory_now(p1_ino)
+            p2 = self._directory_now(p2_ino)
+            with _errno():
+                old_path = ops.existing(p1, n1).path
+                src, dst = await ops.rename(p1, n1, p2, n2, flags, self._copy_up)
+            self._settle()
+            node = self.nodes.find(src.ino)
+            if node is not None and node.entry.path in (old_path, src.path):
+                node.entry = src
+            if src.dirs:
+                prefix = old_path + b"/"
+                for node in self.nodes.nodes():
+                    if node.entry.path.startswith(prefix):
+                        node.entry.path = src.path + b"/" + node.entry.path[len(prefix):]
+            if dst is not None and not dst.dirs:
+                self._unlinked(dst)
+
+    async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None) -> pyfuse3.EntryAttributes:
+        self._ops()
+        async with self._lock:
+            entry = self.files.entry(fh) if fh is not None else self._canonical(ino)
+            with _errno():
+                await self._copy_up(entry)
+                inode.set_attributes(entry, attr, fields)
+            return entry_attributes(entry)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._ops()
+        attr = stored_xattr(os.fsdecode(name))
+        if attr is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        async with self._lock:
+            entry = self._canonical(ino)
+            with _errno():
+                await self._copy_up(entry)
+                inode.setxattr(entry, attr, value)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        self._ops()
+        attr = stored_xattr(os.fsdecode(name))
+        if attr is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        async with self._lock:
+            entry = self._canonical(ino)
+            inode.getxattr(entry, os.fsdecode(name))  # ENODATA before any copy-up
+            with _errno():
+                await self._copy_up(entry)
+                inode.removexattr(entry, attr)

@@ -1,6 +1,8 @@
 """File I/O on the object a merged name resolves to.
 
-Reads are served inline when the data is already in the page cache (one
+Files opened for writing are always upper objects (the engine copies them up
+first); writes go straight to them at the offset the kernel gives.  Reads are
+served inline when the data is already in the page cache (one
 ``preadv2(RWF_NOWAIT)``) and otherwise on a worker thread, so a cold read from
 disk never stalls the trio loop that serves every other request.
 """
@@ -16,7 +18,9 @@ import trio
 from ovlfuse.namei import Entry
 from ovlfuse.safeio import open_beneath
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+# Flags passed on to the upper file; O_APPEND is not: the kernel sends the offset.
+_PASSED_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
 
 class OpenFiles:
@@ -26,12 +30,30 @@ class OpenFiles:
         self._files: dict[int, Entry] = {}
         self._nowait = True
 
-    def open(self, entry: Entry, flags: int) -> pyfuse3.FileInfo:
-        if flags & _WRITE_FLAGS:
+    def open(self, entry: Entry, flags: int, direct_io: bool = False) -> pyfuse3.FileInfo:
+        """Open the entry's object; ``direct_io`` keeps writes out of a page cache shared with other names."""
+        if flags & WRITE_FLAGS and not entry.layer.is_upper:
             raise pyfuse3.FUSEError(errno.EROFS)
-        fd = open_beneath(entry.layer.fd, entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = open_beneath(entry.layer.fd, entry.path, (flags & _PASSED_FLAGS) | os.O_NOFOLLOW)
+        return self.adopt(fd, entry, direct_io)
+
+    def adopt(self, fd: int, entry: Entry, direct_io: bool = False) -> pyfuse3.FileInfo:
         self._files[fd] = entry
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=not direct_io, direct_io=direct_io)
+
+    def entry(self, fh: int) -> Entry:
+        try:
+            return self._files[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        self.entry(fh)
+        return os.pwrite(fh, data, offset)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self.entry(fh)
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         if not self._nowait:

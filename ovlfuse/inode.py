@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import pyfuse3
 
-from ovlfuse.markers import is_private_xattr
+from ovlfuse.markers import shown_xattr, stored_xattr
 from ovlfuse.namei import Entry
-from ovlfuse.safeio import get_xattr, list_xattrs, open_beneath
+from ovlfuse.safeio import fd_path, get_xattr, list_xattrs, open_beneath
 
 # Layers do not change under a mount, and the write path invalidates what it
 # changes, so the kernel may keep entries and attributes for a long time.
@@ -32,6 +32,11 @@ def entry_attributes(entry: Entry) -> pyfuse3.EntryAttributes:
     attr.st_ino = entry.ino
     attr.generation = 0
     attr.entry_timeout = CACHE_TIMEOUT
+    if st.st_nlink > 1 and not entry.layer.is_upper and not entry.dirs:
+        # One node serves every name of a lower hard link, but a copy-up breaks
+        # the link for one name only: look the name up on each use, so an open
+        # for writing knows which name it came through.
+        attr.entry_timeout = 0
     attr.attr_timeout = CACHE_TIMEOUT
     attr.st_mode = st.st_mode
     # The kernel's root always merges at least two layers, so it reports 1 too.
@@ -87,7 +92,14 @@ class NodeTable:
         elif node.entry is not entry:
             node.entry = entry  # another name of a hard link, or a rebuilt index
         node.nlookup += 1
+        refresh(entry)
         return entry_attributes(entry)
+
+    def find(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def nodes(self) -> list[Node]:
+        return list(self._nodes.values())
 
     def forget(self, ino: int, count: int) -> None:
         node = self._nodes.get(ino)
@@ -110,11 +122,12 @@ def _object_args(entry: Entry, parent_fd: int) -> tuple[int, bytes | None]:
 
 
 def getxattr(entry: Entry, name: str) -> bytes:
-    if is_private_xattr(name):
+    stored = stored_xattr(name)
+    if stored is None:
         raise pyfuse3.FUSEError(errno.ENODATA)
     fd = _parent_fd(entry)
     try:
-        value = get_xattr(*_object_args(entry, fd), name)
+        value = get_xattr(*_object_args(entry, fd), stored)
     finally:
         os.close(fd)
     if value is None:
@@ -128,7 +141,7 @@ def listxattr(entry: Entry) -> list[bytes]:
         names = list_xattrs(*_object_args(entry, fd))
     finally:
         os.close(fd)
-    return [os.fsencode(n) for n in names if not is_private_xattr(n)]
+    return [os.fsencode(shown) for n in names if (shown := shown_xattr(n)) is not None]
 
 
 def readlink(entry: Entry) -> bytes:
@@ -139,3 +152,76 @@ def readlink(entry: Entry) -> bytes:
         return os.readlink(entry.name, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+# --- changes (the object is in the upper layer: callers copy it up first) -------
+
+def _target(entry: Entry, parent_fd: int) -> tuple[bytes, bool]:
+    """(path, follow) reaching the object itself, never following a symlink in the layer."""
+    dirfd, name = _object_args(entry, parent_fd)
+    return fd_path(dirfd, name), name is None
+
+
+def refresh(entry: Entry) -> None:
+    """Re-read an upper object's attributes: writes, links and renames change them behind the entry."""
+    if not entry.layer.is_upper:
+        return
+    try:
+        fd = open_beneath(entry.layer.fd, entry.path, os.O_PATH | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if st.st_ino == entry.st.st_ino:  # still the same object
+        entry.st = st
+
+
+def set_attributes(entry: Entry, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+    """Apply a setattr in the order the kernel's filesystems do: owner, mode, size, times."""
+    fd = _parent_fd(entry)
+    try:
+        path, follow = _target(entry, fd)
+        if fields.update_uid or fields.update_gid:
+            os.chown(path, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1,
+                     follow_symlinks=follow)
+        if fields.update_mode:
+            if stat.S_ISLNK(entry.st.st_mode):
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+            os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_size:
+            wfd = open_beneath(entry.layer.fd, entry.path, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                os.ftruncate(wfd, attr.st_size)
+            finally:
+                os.close(wfd)
+        if fields.update_atime or fields.update_mtime:
+            now = os.stat(path, follow_symlinks=follow)
+            atime = attr.st_atime_ns if fields.update_atime else now.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else now.st_mtime_ns
+            os.utime(path, ns=(atime, mtime), follow_symlinks=follow)
+    finally:
+        os.close(fd)
+    refresh(entry)
+
+
+def setxattr(entry: Entry, name: str, value: bytes) -> None:
+    """Set a merged-view xattr (``name`` as ``markers.stored_xattr`` gives it)."""
+    fd = _parent_fd(entry)
+    try:
+        path, follow = _target(entry, fd)
+        os.setxattr(path, name, value, follow_symlinks=follow)
+    finally:
+        os.close(fd)
+    refresh(entry)
+
+
+def removexattr(entry: Entry, name: str) -> None:
+    fd = _parent_fd(entry)
+    try:
+        path, follow = _target(entry, fd)
+        os.removexattr(path, name, follow_symlinks=follow)
+    finally:
+        os.close(fd)
+    refresh(entry)

@@ -38,6 +38,10 @@ class LayerStack:
                 devs.append(layer.dev)
         self._dev_index = {dev: i for i, dev in enumerate(devs)}
         self._samefs = len(devs) == 1
+        # upper inode -> number reported since its copy-up (the origin record persists it)
+        self.copied_inos: dict[int, int] = {}
+        # Opaque markers in ``user.`` (as the kernel reads with -o userxattr) when not root.
+        self.userxattr = os.geteuid() != 0
 
     @property
     def upper(self) -> Layer | None:
@@ -46,6 +50,11 @@ class LayerStack:
     @property
     def read_only(self) -> bool:
         return self.upper is None
+
+    @property
+    def samefs(self) -> bool:
+        """All layers on one filesystem: real inode numbers are reported unchanged."""
+        return self._samefs
 
     @classmethod
     def open(cls, upper: str | None, workdir: str | None, lowers: list[str]) -> "LayerStack":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 
-from ovlfuse.safeio import get_xattr
+from ovlfuse.safeio import fd_path, get_xattr
 
 WH_PREFIX = b".wh."
 OPAQUE_FILE = b".wh..wh..opq"
@@ -18,9 +18,36 @@ OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 
 
+_TRUSTED_PREFIX = "trusted.overlay."
+_ESCAPED_PREFIX = "trusted.overlay.overlay."
+
+
 def is_private_xattr(name: str) -> bool:
     """Overlay bookkeeping that the merged view never shows."""
-    return name.startswith(OVERLAY_XATTR_PREFIXES)
+    return name.startswith(OVERLAY_XATTR_PREFIXES) and not name.startswith(_ESCAPED_PREFIX)
+
+
+def stored_xattr(name: str) -> str | None:
+    """The layer xattr behind a merged-view xattr name (None: the merged view has none).
+
+    As the kernel does (Linux >= 6.7), ``trusted.overlay.X`` set through the
+    merged view is kept escaped as ``trusted.overlay.overlay.X``, so a nested
+    overlay's markers never act on this one.
+    """
+    if name.startswith(_TRUSTED_PREFIX):
+        return _ESCAPED_PREFIX + name[len(_TRUSTED_PREFIX):]
+    if is_private_xattr(name):
+        return None
+    return name
+
+
+def shown_xattr(stored: str) -> str | None:
+    """The merged-view name of a layer xattr, or None for overlay bookkeeping."""
+    if stored.startswith(_ESCAPED_PREFIX):
+        return _TRUSTED_PREFIX + stored[len(_ESCAPED_PREFIX):]
+    if is_private_xattr(stored):
+        return None
+    return stored
 
 
 def is_device_whiteout(st: os.stat_result) -> bool:
@@ -42,3 +69,20 @@ def is_xattr_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
     if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
         return False
     return any(get_xattr(dirfd, name, attr) is not None for attr in WHITEOUT_XATTRS)
+
+
+# --- writing (the upper dir's format, shared spec section 5) -----------------
+
+def opaque_xattr(userxattr: bool) -> str:
+    """``trusted.overlay.opaque`` as root; ``user.overlay.opaque`` for a ``userxattr`` mount."""
+    return OPAQUE_XATTRS[1] if userxattr else OPAQUE_XATTRS[0]
+
+
+def set_opaque(dirfd: int, name: bytes, userxattr: bool) -> None:
+    """Mark ``name`` in ``dirfd`` opaque: lower directories of its name no longer merge in."""
+    os.setxattr(fd_path(dirfd, name), opaque_xattr(userxattr), b"y", follow_symlinks=False)
+
+
+def make_whiteout(dirfd: int, name: bytes) -> None:
+    """Create a whiteout, the kernel's char device 0:0 (allowed unprivileged since Linux 5.8)."""
+    os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dirfd)

@@ -24,6 +24,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from ovlfuse import origin
 from ovlfuse.layers import Layer, LayerStack
 from ovlfuse.markers import (
     OPAQUE_FILE,
@@ -121,7 +122,10 @@ class _Build:
                         whiteouts.append(name)
                         continue
                     closed.add(name)
-                    entries[name] = Entry(child_path(self.path, name), layer, st)
+                    entry = entries[name] = Entry(child_path(self.path, name), layer, st)
+                    if layer.is_upper:  # a copy-up keeps its lower number (0: none)
+                        entry.ino = (self.stack.copied_inos.get(st.st_ino)
+                                     or origin.lower_ino(self.stack, fd, name, st) or 0)
                 else:
                     entries[name] = Entry(child_path(self.path, name), layer, st, dirs=(layer,), _dir_inos=[de.inode()])
         for name in whiteouts:
@@ -148,6 +152,8 @@ class _Build:
             finally:
                 os.close(fd)
         for entry in self.entries.values():
+            if entry.ino:
+                continue  # settled by its origin
             real = entry.st.st_ino
             if entry.merged and entry.layer.is_upper:
                 real = entry._dir_inos[1]  # topmost lower part, as the kernel reports
@@ -213,6 +219,45 @@ class Namei:
         if b"/" in directory.path:
             for name in directory.parent_path().split(b"/"):
                 entry = self.index(entry)[name]
+        return entry
+
+    def drop(self, path: bytes, subtree: bool = False) -> None:
+        """Forget the cached index of ``path`` (and of everything below it)."""
+        doomed = [path] if not subtree else [p for p in self._cache
+                                            if p == path or p.startswith(path + b"/") or not path]
+        for p in doomed:
+            entries = self._cache.pop(p, None)
+            if entries is not None:
+                self._cached_entries -= len(entries)
+
+    def put(self, path: bytes, name: bytes, entry: Entry) -> None:
+        """Record a new name in the cached index of ``path`` (if cached)."""
+        entries = self._cache.get(path)
+        if entries is not None:
+            self._cached_entries += name not in entries
+            entries[name] = entry
+
+    def remove(self, path: bytes, name: bytes) -> None:
+        """Forget a removed name in the cached index of ``path`` (if cached)."""
+        entries = self._cache.get(path)
+        if entries is not None and entries.pop(name, None) is not None:
+            self._cached_entries -= 1
+
+    def find_ino(self, ino: int, besides: Entry) -> Entry | None:
+        """Another cached name of the object ``ino`` (a hard link), if one is cached."""
+        for entries in self._cache.values():
+            for entry in entries.values():
+                if entry.ino == ino and entry is not besides:
+                    return entry
+        return None
+
+    def resolve(self, path: bytes) -> Entry | None:
+        """The entry of a merged path, walking cached indexes from the root."""
+        entry: Entry | None = self.root
+        for name in path.split(b"/") if path else ():
+            if entry is None or not entry.dirs:
+                return None
+            entry = self.index(entry).get(name)
         return entry
 
     def lookup(self, directory: Entry, name: bytes) -> Entry | None:

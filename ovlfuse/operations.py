@@ -6,7 +6,7 @@ import logging
 
 import pyfuse3
 
-from ovlfuse.engine import MergeEngine
+from ovlfuse.engine import FuseKernelCaches, MergeEngine
 from ovlfuse.inode import entry_attributes
 
 log = logging.getLogger("ovlfuse.requests")
@@ -20,6 +20,7 @@ class OverlayOperations(pyfuse3.Operations):
     def __init__(self, engine: MergeEngine) -> None:
         super().__init__()
         self.engine = engine
+        engine.kernel = FuseKernelCaches()
 
     async def lookup(self, parent_inode, name, ctx=None):
         log.debug("lookup %d %r", parent_inode, name)
@@ -55,7 +56,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def open(self, inode, flags, ctx):
         log.debug("open %d flags %#o", inode, flags)
-        return self.engine.open(inode, flags)
+        return await self.engine.open(inode, flags)
 
     async def read(self, fh, off, size):
         log.debug("read %d at %d size %d", fh, off, size)
@@ -84,8 +85,56 @@ class OverlayOperations(pyfuse3.Operations):
         pass
 
     async def fsync(self, fh, datasync):
-        pass
+        log.debug("fsync %d", fh)
+        await self.engine.fsync(fh, datasync)
 
     async def fsyncdir(self, fh, datasync):
         pass
 
+    async def write(self, fh, off, buf):
+        log.debug("write %d at %d size %d", fh, off, len(buf))
+        return self.engine.write(fh, off, buf)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        log.debug("create %d %r mode %#o flags %#o", parent_inode, name, mode, flags)
+        return await self.engine.create(parent_inode, name, mode, flags, ctx)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        log.debug("mkdir %d %r mode %#o", parent_inode, name, mode)
+        return await self.engine.mkdir(parent_inode, name, mode, ctx)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        log.debug("mknod %d %r mode %#o rdev %d", parent_inode, name, mode, rdev)
+        return await self.engine.mknod(parent_inode, name, mode, rdev, ctx)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        log.debug("symlink %d %r -> %r", parent_inode, name, target)
+        return await self.engine.symlink(parent_inode, name, target, ctx)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        log.debug("link %d to %d %r", inode, new_parent_inode, new_name)
+        return await self.engine.link(inode, new_parent_inode, new_name)
+
+    async def unlink(self, parent_inode, name, ctx):
+        log.debug("unlink %d %r", parent_inode, name)
+        await self.engine.unlink(parent_inode, name)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        log.debug("rmdir %d %r", parent_inode, name)
+        await self.engine.rmdir(parent_inode, name)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        log.debug("rename %d %r to %d %r flags %d", parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self.engine.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        log.debug("setattr %d", inode)
+        return await self.engine.setattr(inode, attr, fields, fh)
+
+    async def setxattr(self, inode, name, value, ctx):
+        log.debug("setxattr %d %r", inode, name)
+        await self.engine.setxattr(inode, name, value)
+
+    async def removexattr(self, inode, name, ctx):
+        log.debug("removexattr %d %r", inode, name)
+        await self.engine.removexattr(inode, name)

@@ -79,3 +79,44 @@ def list_xattrs(dirfd: int, name: bytes | None) -> list[str]:
         if e.errno == errno.ENOTSUP:
             return []
         raise
+
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+_AT_FDCWD = -100
+
+
+def _check(ret: int, what: bytes) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(what))
+    return ret
+
+
+def renameat2(old_dirfd: int, old: bytes, new_dirfd: int, new: bytes, flags: int) -> None:
+    """rename(2) with flags (EXCHANGE, NOREPLACE, WHITEOUT), which ``os.rename`` lacks."""
+    _check(_libc.renameat2(ctypes.c_int(old_dirfd), ctypes.c_char_p(old), ctypes.c_int(new_dirfd),
+                           ctypes.c_char_p(new), ctypes.c_uint(flags)), old)
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]
+
+
+def name_to_handle(dirfd: int, name: bytes) -> tuple[int, bytes]:
+    """(type, bytes) of the file handle of ``name`` in ``dirfd`` (never following it)."""
+    fh = _FileHandle(128, 0)
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(ctypes.c_int(dirfd), ctypes.c_char_p(name), ctypes.byref(fh),
+                                   ctypes.byref(mount_id), ctypes.c_int(0)), name)
+    return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
+
+
+def open_by_handle(mount_fd: int, handle_type: int, handle: bytes) -> int:
+    """An O_PATH descriptor of the object a file handle names (needs CAP_DAC_READ_SEARCH)."""
+    fh = _FileHandle(len(handle), handle_type)
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    return _check(_libc.open_by_handle_at(ctypes.c_int(mount_fd), ctypes.byref(fh),
+                                          ctypes.c_int(os.O_PATH | os.O_CLOEXEC)), b"<handle>")

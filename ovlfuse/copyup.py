@@ -1,0 +1,224 @@
+"""Copy-up: give a lower object an upper copy before it is changed.
+
+Parents go first, as directories with their own metadata; then the object
+itself: data (holes stay holes), owner, mode, xattrs (data first, because
+writing data and chown clear ``security.capability``), times, and the origin
+record.  Every copy is built in the workdir and renamed into place, so a crash
+leaves either no copy or a whole one, never a partial one in the merged view.
+Big files are copied on a worker thread so other requests keep being served.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import shutil
+import stat
+
+import trio
+
+from ovlfuse import origin
+from ovlfuse.layers import LayerStack
+from ovlfuse.markers import shown_xattr
+from ovlfuse.namei import Entry, Namei
+from ovlfuse.safeio import RENAME_NOREPLACE, fd_path, list_xattrs, open_beneath, renameat2
+
+# Copies bigger than this run on a worker thread (a thread hop costs ~0.3 ms).
+THREAD_COPY_BYTES = 1 << 20
+_FICLONE = 0x40049409
+
+
+class Workdir:
+    """``<workdir>/work``: scratch space on the upper filesystem, emptied at mount."""
+
+    def __init__(self, workdir: str) -> None:
+        base = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            try:
+                os.mkdir("work", 0o000, dir_fd=base)
+            except FileExistsError:
+                pass
+            self.fd = open_beneath(base, b"work", os.O_RDONLY | os.O_DIRECTORY)
+        finally:
+            os.close(base)
+        self._names = itertools.count()
+        self.clean()
+
+    def clean(self) -> None:
+        """Remove whatever an interrupted operation left behind."""
+        for name in os.listdir(self.fd):
+            self.remove(os.fsencode(name))
+
+    def tmpname(self) -> bytes:
+        return b"tmp.%d.%d" % (os.getpid(), next(self._names))
+
+    def remove(self, name: bytes) -> None:
+        st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=self.fd)
+        else:
+            os.unlink(name, dir_fd=self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def copy_metadata(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes) -> None:
+    """Owner, mode, xattrs and times of ``st`` onto ``dst_name`` in ``dst_fd``, in that order."""
+    is_link = stat.S_ISLNK(st.st_mode)
+    os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+    if not is_link:
+        os.chmod(fd_path(dst_fd, dst_name), stat.S_IMODE(st.st_mode))
+    for attr in list_xattrs(src_fd, src_name):
+        if shown_xattr(attr) is None:
+            continue  # overlay bookkeeping (escaped names are user data and go along)
+        try:
+            value = os.getxattr(fd_path(src_fd, src_name), attr, follow_symlinks=src_name is None)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                continue
+            raise
+        os.setxattr(fd_path(dst_fd, dst_name), attr, value, follow_symlinks=False)
+    os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy ``size`` bytes, sharing extents where the filesystem can and skipping holes."""
+    try:
+        fcntl.ioctl(dst, _FICLONE, src)
+        return
+    except OSError:
+        pass
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break  # only a hole is left
+            raise
+        hole = os.lseek(src, data, os.SEEK_HOLE)
+        pos = data
+        while pos < hole:
+            n = os.copy_file_range(src, dst, hole - pos, pos, pos)
+            if n == 0:
+                break
+            pos += n
+        offset = hole
+    os.ftruncate(dst, size)
+
+
+class CopyUp:
+    """Copies lower objects into the upper layer, parents first."""
+
+    def __init__(self, stack: LayerStack, namei: Namei, work: Workdir) -> None:
+        assert stack.upper is not None
+        self.stack = stack
+        self.upper = stack.upper
+        self.namei = namei
+        self.work = work
+        self.touched: list[Entry] = []  # directories whose upper part changed (for invalidation)
+
+    def upper_dir(self, directory: Entry) -> int:
+        """An O_PATH fd of ``directory``'s upper part, copying it (and its parents) up if needed."""
+        if not directory.layer.is_upper:
+            parent = self.namei.resolve(directory.parent_path())
+            assert parent is not None
+            parent_fd = self.upper_dir(parent)
+            try:
+                self._copy_dir(directory, parent_fd)
+            finally:
+                os.close(parent_fd)
+            self.touched.append(parent)
+        return open_beneath(self.upper.fd, directory.path, os.O_PATH | os.O_DIRECTORY)
+
+    def _copy_dir(self, directory: Entry, upper_parent: int) -> None:
+        src_parent = open_beneath(directory.layer.fd, directory.parent_path(), os.O_PATH | os.O_DIRECTORY)
+        tmp = self.work.tmpname()
+        try:
+            os.mkdir(tmp, 0o700, dir_fd=self.work.fd)
+            src = open_beneath(directory.layer.fd, directory.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                st = os.fstat(src)
+                copy_metadata(st, src, None, self.work.fd, tmp)
+            finally:
+                os.close(src)
+            origin.record(self.stack, src_parent, directory.name, self.work.fd, tmp)
+            renameat2(self.work.fd, tmp, upper_parent, directory.name, RENAME_NOREPLACE)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        finally:
+            os.close(src_parent)
+        directory.layer = self.upper
+        directory.dirs = (self.upper,) + directory.dirs
+        directory.st = os.stat(directory.name, dir_fd=upper_parent, follow_symlinks=False)
+
+    async def copy_up(self, entry: Entry) -> None:
+        """Give ``entry`` an upper copy and point it there.
+
+        ``entry.ino`` stays, except for a lower hard link: like the kernel
+        without ``index``, the copy is a separate object with its own number.
+        """
+        if entry.layer.is_upper:
+            return
+        if entry.dirs:
+            os.close(self.upper_dir(entry))
+            return
+        parent = self.namei.resolve(entry.parent_path())
+        assert parent is not None
+        upper_parent = self.upper_dir(parent)
+        self.touched.append(parent)
+        lower_links = entry.st.st_nlink
+        try:
+            await self._copy_object(entry, upper_parent)
+            entry.st = os.stat(entry.name, dir_fd=upper_parent, follow_symlinks=False)
+        finally:
+            os.close(upper_parent)
+        entry.layer = self.upper
+        if lower_links > 1:  # the copy is a new object: the kernel reports its own number
+            entry.ino = self.stack.ino(self.upper, entry.st.st_ino)
+        else:
+            self.stack.copied_inos[entry.st.st_ino] = entry.ino
+
+    async def _copy_object(self, entry: Entry, upper_parent: int) -> None:
+        st = entry.st
+        name = entry.name
+        src_parent = open_beneath(entry.layer.fd, entry.parent_path(), os.O_PATH | os.O_DIRECTORY)
+        tmp = self.work.tmpname()
+        wfd = self.work.fd
+        try:
+            if stat.S_ISREG(st.st_mode):
+                src = open_beneath(entry.layer.fd, entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
+                    try:
+                        size = os.fstat(src).st_size
+                        if size > THREAD_COPY_BYTES:
+                            await trio.to_thread.run_sync(copy_data, src, dst, size)
+                        else:
+                            copy_data(src, dst, size)
+                    finally:
+                        os.close(dst)
+                finally:
+                    os.close(src)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(name, dir_fd=src_parent), tmp, dir_fd=wfd)
+            else:  # fifo, socket, device
+                os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
+            copy_metadata(st, src_parent, name, wfd, tmp)
+            origin.record(self.stack, src_parent, name, wfd, tmp)
+            renameat2(wfd, tmp, upper_parent, name, RENAME_NOREPLACE)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        finally:
+            os.close(src_parent)
+
+    def _discard(self, tmp: bytes) -> None:
+        try:
+            self.work.remove(tmp)
+        except OSError:
+            pass

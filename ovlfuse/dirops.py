@@ -1,0 +1,295 @@
+"""Directory operations of the merged view: new names, removals, renames, whiteouts.
+
+Rules (shared spec section 3, checked against the kernel's overlay):
+- a new name is created in the upper part of its parent (copied up first);
+  over an upper whiteout it is built in the workdir and renamed over it, and a
+  new directory there is made opaque so the lower one stays hidden;
+- removing a name that still exists below leaves a whiteout, built in the
+  workdir and renamed into place; no data is copied to delete a file;
+- a directory is removed only when its merged view is empty;
+- a directory with lower parts cannot be renamed (EXDEV, redirect_dir off);
+- a renamed object leaves a whiteout behind if its old name exists below.
+All of it runs under the engine's write lock, so each step sees the last.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Awaitable, Callable
+
+import pyfuse3
+
+from ovlfuse.copyup import CopyUp, Workdir
+from ovlfuse.layers import LayerStack
+from ovlfuse.markers import (
+    WH_PREFIX,
+    is_device_whiteout,
+    is_xattr_whiteout,
+    make_whiteout,
+    opaque_value,
+    set_opaque,
+)
+from ovlfuse.namei import Entry, Namei, child_path
+from ovlfuse.safeio import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    open_beneath,
+    renameat2,
+)
+
+
+def _fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+class DirOps:
+    def __init__(self, stack: LayerStack, namei: Namei, copyup: CopyUp, work: Workdir) -> None:
+        assert stack.upper is not None
+        self.stack = stack
+        self.upper = stack.upper
+        self.namei = namei
+        self.copyup = copyup
+        self.work = work
+
+    def existing(self, parent: Entry, name: bytes) -> Entry:
+        entry = self.namei.lookup(parent, name)
+        if entry is None:
+            raise _fail(errno.ENOENT)
+        return entry
+
+    def lower_has(self, parent: Entry, name: bytes) -> bool:
+        """Whether ``name`` exists in a lower part of ``parent`` (so removing it needs a whiteout)."""
+        for layer in parent.dirs:
+            if layer.is_upper:
+                continue
+            try:
+                fd = open_beneath(layer.fd, parent.path, os.O_PATH | os.O_DIRECTORY)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue
+                raise
+            try:
+                st = _lstat(fd, name)
+                if st is None:
+                    if _lstat(fd, WH_PREFIX + name) is not None:
+                        return False
+                    continue
+                if is_device_whiteout(st):
+                    return False
+                if opaque_value(fd) == b"x" and is_xattr_whiteout(fd, name, st):
+                    return False
+                return True
+            finally:
+                os.close(fd)
+        return False
+
+    def is_empty(self, directory: Entry) -> bool:
+        """Empty in the merged view, as the kernel decides before removing a directory.
+
+        The kernel's check counts the xattr whiteouts of lower parts marked
+        ``opaque=x`` as entries although readdir hides them, so such a
+        directory cannot be removed through the kernel's overlay either.
+        """
+        if self.namei.index(directory):
+            return False
+        for layer in directory.dirs:
+            if layer.is_upper:
+                continue
+            try:
+                fd = open_beneath(layer.fd, directory.path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                if opaque_value(fd) == b"x" and any(
+                        is_xattr_whiteout(fd, os.fsencode(de.name), de.stat(follow_symlinks=False))
+                        for de in os.scandir(fd) if de.is_file(follow_symlinks=False)):
+                    return False
+            finally:
+                os.close(fd)
+        return True
+
+    # --- new names ------------------------------------------------------------
+    def place(self, parent: Entry, name: bytes, build: Callable[[int, bytes], None], is_dir: bool) -> Entry:
+        """Create ``name`` with ``build(dirfd, name)`` in the upper part of ``parent``."""
+        if name.startswith(WH_PREFIX):
+            raise _fail(errno.EINVAL)  # would read back as a marker, not as this name
+        if self.namei.lookup(parent, name) is not None:
+            raise _fail(errno.EEXIST)
+        upper_parent = self.copyup.upper_dir(parent)
+        try:
+            old = _lstat(upper_parent, name)
+            if old is None:
+                build(upper_parent, name)
+            else:  # a whiteout: replace it with a copy built aside
+                tmp = self.work.tmpname()
+                try:
+                    build(self.work.fd, tmp)
+                    if is_dir:
+                        set_opaque(self.work.fd, tmp, self.stack.userxattr)
+                        renameat2(self.work.fd, tmp, upper_parent, name, RENAME_EXCHANGE)
+                    else:
+                        os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=upper_parent)
+                finally:
+                    if _lstat(self.work.fd, tmp) is not None:
+                        self.work.remove(tmp)
+            st = os.stat(name, dir_fd=upper_parent, follow_symlinks=False)
+        finally:
+            os.close(upper_parent)
+        entry = Entry(child_path(parent.path, name), self.upper, st, ino=self.stack.ino(self.upper, st.st_ino),
+                      dirs=(self.upper,) if is_dir else ())
+        self.namei.put(parent.path, name, entry)
+        return entry
+
+    async def link(self, entry: Entry, parent: Entry, name: bytes) -> Entry:
+        """A new name for ``entry``'s object, copying the object up first."""
+        await self.copyup.copy_up(entry)
+        source_parent = open_beneath(self.upper.fd, entry.parent_path(), os.O_PATH | os.O_DIRECTORY)
+        try:
+            def build(dirfd: int, new: bytes) -> None:
+                os.link(entry.name, new, src_dir_fd=source_parent, dst_dir_fd=dirfd, follow_symlinks=False)
+            new_entry = self.place(parent, name, build, is_dir=False)
+        finally:
+            os.close(source_parent)
+        new_entry.ino = entry.ino
+        entry.st = new_entry.st
+        return new_entry
+
+    # --- removals ---------------------------------------------------------------
+    def _whiteout_over(self, upper_parent: int, name: bytes, exchange: bool) -> None:
+        """Put a whiteout at ``name``: renamed over a file, exchanged with a directory, or new."""
+        tmp = self.work.tmpname()
+        make_whiteout(self.work.fd, tmp)
+        try:
+            if exchange:
+                renameat2(self.work.fd, tmp, upper_parent, name, RENAME_EXCHANGE)
+            else:
+                os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=upper_parent)
+        finally:
+            if _lstat(self.work.fd, tmp) is not None:
+                self.work.remove(tmp)
+
+    def unlink(self, parent: Entry, name: bytes) -> Entry:
+        entry = self.existing(parent, name)
+        if entry.dirs:
+            raise _fail(errno.EISDIR)
+        below = self.lower_has(parent, name)
+        upper_parent = self.copyup.upper_dir(parent)
+        try:
+            if below:
+                self._whiteout_over(upper_parent, name, exchange=False)
+            else:
+                os.unlink(name, dir_fd=upper_parent)
+        finally:
+            os.close(upper_parent)
+        self.namei.remove(parent.path, name)
+        return entry
+
+    def rmdir(self, parent: Entry, name: bytes) -> Entry:
+        entry = self.existing(parent, name)
+        if not entry.dirs:
+            raise _fail(errno.ENOTDIR)
+        if not self.is_empty(entry):
+            raise _fail(errno.ENOTEMPTY)
+        below = self.lower_has(parent, name)
+        upper_parent = self.copyup.upper_dir(parent)
+        try:
+            if below:
+                self._whiteout_over(upper_parent, name, exchange=entry.layer.is_upper)
+            else:
+                self._remove_upper_dir(upper_parent, name)
+        finally:
+            os.close(upper_parent)
+        self.namei.remove(parent.path, name)
+        self.namei.drop(entry.path, subtree=True)
+        return entry
+
+    def _remove_upper_dir(self, upper_parent: int, name: bytes) -> None:
+        """Remove an upper dir that holds nothing but whiteouts (moved aside first)."""
+        try:
+            os.rmdir(name, dir_fd=upper_parent)
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+            tmp = self.work.tmpname()
+            os.rename(name, tmp, src_dir_fd=upper_parent, dst_dir_fd=self.work.fd)
+            self.work.remove(tmp)
+
+    def _clear(self, upper_parent: int, name: bytes) -> None:
+        """Empty an upper dir that is empty in the merged view (it holds only whiteouts)."""
+        fd = open_beneath(upper_parent, name, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for child in os.listdir(fd):
+                os.unlink(child, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    # --- rename ---------------------------------------------------------------------
+    async def rename(self, p1: Entry, n1: bytes, p2: Entry, n2: bytes, flags: int,
+                     copy_up: Callable[[Entry], Awaitable[object]]) -> tuple[Entry, Entry | None]:
+        """Move ``n1`` to ``n2`` (``copy_up`` brings the source up); returns (moved, replaced or None)."""
+        if flags & RENAME_EXCHANGE:
+            raise _fail(errno.EINVAL)
+        if n2.startswith(WH_PREFIX):
+            raise _fail(errno.EINVAL)
+        src = self.existing(p1, n1)
+        dst = self.namei.lookup(p2, n2)
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise _fail(errno.EEXIST)
+        if src.dirs and (not src.layer.is_upper or src.merged):
+            raise _fail(errno.EXDEV)
+        if dst is not None and dst.dirs and not self.is_empty(dst):
+            raise _fail(errno.ENOTEMPTY)
+        await copy_up(src)
+        src_below = self.lower_has(p1, n1)
+        up1 = self.copyup.upper_dir(p1)
+        try:
+            up2 = self.copyup.upper_dir(p2)
+            try:
+                self._move(src, up1, n1, up2, n2, src_below, p2.merged)
+            finally:
+                os.close(up2)
+        finally:
+            os.close(up1)
+        self.namei.remove(p1.path, n1)
+        self.namei.put(p2.path, n2, src)
+        old_path = src.path
+        src.path = child_path(p2.path, n2)
+        if src.dirs:
+            self.namei.drop(old_path, subtree=True)
+            self.namei.drop(src.path, subtree=True)
+        return src, dst
+
+    def _move(self, src: Entry, up1: int, n1: bytes, up2: int, n2: bytes, src_below: bool, into_merged: bool) -> None:
+        """Rename in the upper layer; a directory moved into a merged place is made opaque (as the kernel)."""
+        is_dir = bool(src.dirs)
+        if is_dir and into_merged and opaque_value(up1, n1) != b"y":
+            set_opaque(up1, n1, self.stack.userxattr)
+        target = _lstat(up2, n2)
+        if is_dir and target is not None and not stat.S_ISDIR(target.st_mode):
+            # a directory cannot replace the whiteout: swap them, keep it at n1 if needed
+            renameat2(up1, n1, up2, n2, RENAME_EXCHANGE)
+            if not src_below:
+                os.unlink(n1, dir_fd=up1)
+            return
+        if target is not None and stat.S_ISDIR(target.st_mode):
+            self._clear(up2, n2)
+        if not src_below:
+            os.rename(n1, n2, src_dir_fd=up1, dst_dir_fd=up2)
+            return
+        try:
+            renameat2(up1, n1, up2, n2, RENAME_WHITEOUT)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EINVAL):
+                raise
+            os.rename(n1, n2, src_dir_fd=up1, dst_dir_fd=up2)
+            self._whiteout_over(up1, n1, exchange=False)
