@@ -20,7 +20,9 @@ USAGE = """\
 
 EPILOG = """\
 LAYER is a layer id (64 hex digits, or a unique prefix of at least 12, as
-Docker prints them) under --root, or the path of a layer directory.  The
+Docker prints them) under --root, the path of a layer directory, or the name
+or id of a Docker container, a Docker image (name:tag, read-only), or a
+containers/storage container, image or layer.  The
 layer's diff/ is the upper dir and its 'lower' file names the lower chain;
 a layer holding a 'committed' file (or --read-only) mounts read-only.
 
@@ -32,6 +34,13 @@ redirect_dir=off, metacopy=off, xino=off|auto as Docker passes them.
 
 Unmount with 'fusermount3 -u MOUNTPOINT', 'umount MOUNTPOINT', or by sending
 the daemon SIGTERM."""
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--docker-root", default=None, metavar="DIR",
+                        help="Docker's data root, for container and image names (default /var/lib/docker)")
+    parser.add_argument("--storage-root", default=None, metavar="DIR",
+                        help="containers/storage root, for podman names (default /var/lib/containers/storage)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="mount options, comma separated (see below)")
     parser.add_argument("--root", default=None,
                         help="overlay2 store root (default: $OVLFUSE_ROOT or /var/lib/docker/overlay2)")
+    _engine_options(parser)
     parser.add_argument("--read-only", action="store_true", help="mount read-only: the layer's diff joins the lowers")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay attached instead of daemonizing")
     parser.add_argument("-d", "--debug", action="store_true", help="log every request (implies --foreground unless --log-file)")
@@ -59,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(ns: argparse.Namespace, parser: argparse.ArgumentParser, positionals: int):
     """The mount plan named by LAYER (with --root) or by -o lowerdir=...; ``positionals`` after it."""
     from ovlfuse.options import parse_options
-    from ovlfuse.store import DEFAULT_ROOT, plan_from_options, plan_from_store
+    from ovlfuse.store import plan_from_options
 
     opts = parse_options(ns.options)
     if opts.has_layers:
@@ -73,9 +83,30 @@ def _plan(ns: argparse.Namespace, parser: argparse.ArgumentParser, positionals: 
         if len(ns.args) != positionals + 1:
             parser.error("give LAYER MOUNTPOINT, or -o lowerdir=... MOUNTPOINT" if positionals
                          else "give LAYER, or -o lowerdir=...")
-        root = ns.root or os.environ.get("OVLFUSE_ROOT") or DEFAULT_ROOT
-        plan = plan_from_store(root, ns.args[0], ns.read_only or opts.read_only)
+        plan = _plan_from_names(ns, ns.read_only or opts.read_only)
     return plan, opts
+
+
+def _plan_from_names(ns: argparse.Namespace, read_only: bool):
+    """LAYER as a layer id or directory, else as a container, image or layer name an engine knows."""
+    from ovlfuse import engines
+    from ovlfuse.store import DEFAULT_ROOT, LayerNotFound, plan_from_store
+
+    docker_root = ns.docker_root or engines.DOCKER_ROOT
+    storage_root = ns.storage_root or engines.STORAGE_ROOT
+    root = (ns.root or os.environ.get("OVLFUSE_ROOT")
+            or (os.path.join(ns.docker_root, "overlay2") if ns.docker_root else None)
+            or (os.path.join(ns.storage_root, "overlay") if ns.storage_root else None)
+            or DEFAULT_ROOT)
+    name = ns.args[0]
+    try:
+        return plan_from_store(root, name, read_only)
+    except LayerNotFound as missing:
+        found = engines.find(name, docker_root, storage_root)
+        if found is None:
+            raise LayerNotFound(f"{missing}; no container or image of that name either "
+                                f"(looked in {docker_root} and {storage_root})") from None
+    return plan_from_store(found.store_root, found.layer_id, read_only or found.read_only)
 
 
 def _mount(argv: list[str]) -> int:
@@ -103,6 +134,7 @@ def _layer_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="lowerdir=...[,upperdir=...] instead of LAYER")
     parser.add_argument("--root", default=None, help="overlay2 store root (default: $OVLFUSE_ROOT or "
                         "/var/lib/docker/overlay2)")
+    _engine_options(parser)
     parser.add_argument("--read-only", action="store_true", help="treat the layer as committed")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     return parser

@@ -45,8 +45,13 @@ class MountPlan:
         return MountPlan(lowers=[self.upper] + self.lowers, label=self.label)
 
 
+class LayerNotFound(OvlError):
+    """No layer of that id in the store (an engine may still know the name)."""
+
+
 def _is_path(layer: str) -> bool:
-    return "/" in layer or layer in (".", "..")
+    """A directory rather than an id or name (image names like ``repo/name:tag`` hold slashes too)."""
+    return layer.startswith(("/", "./", "../")) or layer in (".", "..") or ("/" in layer and os.path.isdir(layer))
 
 
 def find_layer(root: str, layer: str) -> str:
@@ -62,8 +67,9 @@ def find_layer(root: str, layer: str) -> str:
     if layer != "l" and os.path.isdir(os.path.join(root, layer)):
         return os.path.join(root, layer)
     if not _ID.match(layer):
-        raise OvlError(f"no layer {layer!r} in {root}: a layer is named by its id "
-                       f"(64 hex digits or a unique prefix of at least {MIN_PREFIX}) or by its directory")
+        raise LayerNotFound(f"no layer {layer!r} in {root}: a layer is named by its id "
+                            f"(64 hex digits or a unique prefix of at least {MIN_PREFIX}), its directory, "
+                            "or a container or image name")
     if len(layer.partition("-")[0]) < MIN_PREFIX:
         raise OvlError(f"layer id prefix {layer!r} is too short: give at least {MIN_PREFIX} hex digits")
     try:
@@ -74,7 +80,7 @@ def find_layer(root: str, layer: str) -> str:
     matches = sorted(n for n in names
                      if n.startswith(prefix) and n.partition("-")[2] == init and n != "l")
     if not matches:
-        raise OvlError(f"no layer {layer!r} in {root}; list the store with 'ls {root}'")
+        raise LayerNotFound(f"no layer {layer!r} in {root}; list the store with 'ls {root}'")
     if len(matches) > 1:
         shown = ", ".join(m[:16] for m in matches[:3])
         raise OvlError(f"layer id prefix {layer!r} is ambiguous in {root} ({len(matches)} layers: {shown}...); "

@@ -1,0 +1,141 @@
+"""Names the container engines give: containers, images and layers, read from their own files.
+
+No engine daemon is asked.  Docker keeps a container's name in
+``containers/<id>/config.v2.json`` and its layer in
+``image/overlay2/layerdb/mounts/<id>/mount-id``; an image's layers are found
+from ``image/overlay2/repositories.json`` through the image config's diff ids,
+their chain id and ``layerdb/sha256/<chain>/cache-id``.  containers/storage
+(podman) lists containers, images and layers in ``overlay-containers/``,
+``overlay-images/`` and ``overlay-layers/`` JSON files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+DOCKER_ROOT = "/var/lib/docker"
+STORAGE_ROOT = "/var/lib/containers/storage"
+_REGISTRY_PREFIXES = ("docker.io/library/", "docker.io/", "localhost/")
+
+
+@dataclass(frozen=True)
+class EngineLayer:
+    """A layer found through an engine's records."""
+
+    store_root: str  # the overlay store holding the layer
+    layer_id: str
+    read_only: bool  # image layers are never written
+    what: str  # for messages: "docker container web"
+
+
+def _load(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _image_names(name: str) -> set[str]:
+    """The spellings an image reference may be stored under."""
+    bare = name
+    for prefix in _REGISTRY_PREFIXES:
+        bare = bare.removeprefix(prefix)
+    names = {name, bare} | {p + bare for p in _REGISTRY_PREFIXES}
+    if ":" not in name.rpartition("/")[2] and "@" not in name:
+        names |= {n + ":latest" for n in names}
+    return names
+
+
+def chain_id(diff_ids: list[str]) -> str:
+    """The OCI chain id of a layer stack (``sha256:...``)."""
+    chain = diff_ids[0]
+    for diff_id in diff_ids[1:]:
+        chain = "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+    return chain
+
+
+def docker_container(docker_root: str, name: str) -> EngineLayer | None:
+    containers = os.path.join(docker_root, "containers")
+    try:
+        ids = os.listdir(containers)
+    except OSError:
+        return None
+    wanted = name.removeprefix("/")
+    found = [cid for cid in ids if cid == wanted or (len(wanted) >= 12 and cid.startswith(wanted))]
+    if not found:
+        for cid in ids:
+            config = _load(os.path.join(containers, cid, "config.v2.json")) or {}
+            if str(config.get("Name", "")).removeprefix("/") == wanted:
+                found = [cid]
+                break
+    if len(found) != 1:
+        return None
+    layer = _read(os.path.join(docker_root, "image", "overlay2", "layerdb", "mounts", found[0], "mount-id"))
+    if not layer:
+        return None
+    return EngineLayer(os.path.join(docker_root, "overlay2"), layer, False, f"docker container {name}")
+
+
+def docker_image(docker_root: str, name: str) -> EngineLayer | None:
+    image_dir = os.path.join(docker_root, "image", "overlay2")
+    repositories = (_load(os.path.join(image_dir, "repositories.json")) or {}).get("Repositories", {})
+    names = _image_names(name)
+    image_id = next((ref_id for refs in repositories.values() for ref, ref_id in refs.items() if ref in names),
+                    None)
+    if image_id is None:
+        return None
+    config = _load(os.path.join(image_dir, "imagedb", "content", "sha256", image_id.removeprefix("sha256:")))
+    diff_ids = ((config or {}).get("rootfs") or {}).get("diff_ids") or []
+    if not diff_ids:
+        return None
+    cache_id = _read(os.path.join(image_dir, "layerdb", "sha256", chain_id(diff_ids).removeprefix("sha256:"),
+                                  "cache-id"))
+    if not cache_id:
+        return None
+    return EngineLayer(os.path.join(docker_root, "overlay2"), cache_id, True, f"docker image {name}")
+
+
+def storage_layer(storage_root: str, name: str) -> EngineLayer | None:
+    """A containers/storage container, image or layer, by id (or unique prefix) or name."""
+    store = os.path.join(storage_root, "overlay")
+    records = (
+        ("overlay-containers/containers.json", "container", False),
+        ("overlay-images/images.json", "image", True),
+        ("overlay-layers/layers.json", "layer", None),
+    )
+    layers = _load(os.path.join(storage_root, "overlay-layers", "layers.json")) or []
+    parents = {layer.get("parent") for layer in layers}
+    for path, kind, read_only in records:
+        for record in _load(os.path.join(storage_root, path)) or []:
+            rid = str(record.get("id", ""))
+            names = set(record.get("names") or [])
+            if rid == name or (len(name) >= 12 and rid.startswith(name)) or names & _image_names(name):
+                layer = rid if kind == "layer" else record.get("layer")
+                if not layer:
+                    return None
+                ro = layer in parents if read_only is None else read_only
+                return EngineLayer(store, layer, ro, f"containers/storage {kind} {name}")
+    return None
+
+
+def find(name: str, docker_root: str, storage_root: str) -> EngineLayer | None:
+    """The layer an engine knows by ``name``: Docker containers, Docker images, then containers/storage."""
+    for lookup, root in ((docker_container, docker_root), (docker_image, docker_root),
+                         (storage_layer, storage_root)):
+        if os.path.isdir(root):
+            found = lookup(root, name)
+            if found is not None:
+                return found
+    return None
