@@ -20,7 +20,7 @@ import stat
 import struct
 
 from ovlfuse.layers import LayerStack
-from ovlfuse.safeio import fd_path, get_xattr, name_to_handle, open_by_handle
+from ovlfuse.safeio import fd_path, get_xattr, name_to_handle, open_beneath, open_by_handle
 
 ORIGIN_XATTR = "trusted.overlay.origin"
 _HEADER = struct.Struct("<BBBBB16s")
@@ -59,9 +59,15 @@ def lower_ino(stack: LayerStack, upper_dirfd: int, name: bytes, st: os.stat_resu
     if version != _VERSION or magic != _MAGIC or length != len(value):
         return None
     try:
-        fd = open_by_handle(stack.layers[1].fd, handle_type, value[_HEADER.size:])
+        mount_fd = open_beneath(stack.layers[1].fd, b"", os.O_RDONLY | os.O_DIRECTORY)  # O_PATH will not do
+    except OSError:
+        return None
+    try:
+        fd = open_by_handle(mount_fd, handle_type, value[_HEADER.size:])
     except OSError:
         return None  # the lower object is gone
+    finally:
+        os.close(mount_fd)
     try:
         lower = os.fstat(fd)
     finally:

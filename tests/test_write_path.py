@@ -283,3 +283,26 @@ def test_sequence_matches_kernel(tmp_path):
     assert pair.results["rename only-low only-low-moved  "] == ("error", "EXDEV")
     assert pair.results["mknod 0:0 zero (8576, 0) "] == ("error", "EPERM")
     assert pair.results["read a/hard3"] == ("ok", b"hard\n")
+
+
+def test_upper_dir_round_trips_through_the_kernel(tmp_path):
+    """What ovlfuse wrote is the kernel's own format: remounts keep the view and inode numbers."""
+    kernel, ours, kmnt, omnt = make_pair(tmp_path)
+    started = time.time_ns()
+    with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt), omnt):
+        pair = Pair(kernel, ours, kmnt, omnt, started)
+        pair.apply(SEQUENCE)
+        served = snapshot(omnt)
+    with kernel_view(kernel, kmnt):
+        kernel_snap = snapshot(kmnt)
+        expected = normalized(kernel_snap, started)
+    with ovlfuse_mount(_mount_args(kernel, omnt), omnt):
+        assert snapshot(omnt).inos == kernel_snap.inos, "ovlfuse reads the kernel's origin records"
+    with ovlfuse_mount(_mount_args(ours, omnt), omnt):
+        remounted = snapshot(omnt)
+    assert remounted.inos == served.inos, "inode numbers changed across a remount"
+    assert differences(expected, normalized(remounted, started)) == []
+    with kernel_view(ours, kmnt):
+        taken_over = snapshot(kmnt)
+    assert differences(expected, normalized(taken_over, started)) == []
+    assert taken_over.inos == served.inos, "the kernel reports other inode numbers for ovlfuse's upper dir"
