@@ -102,25 +102,41 @@ def is_mounted(mnt: Path) -> bool:
 class Mount:
     """One mounted filesystem; ``close()`` unmounts it and ends its daemon."""
 
-    def __init__(self, kind: str, root: Path, names: list[str], mnt: Path):
+    def __init__(self, kind: str, root: Path, names: list[str], mnt: Path,
+                 upper: str | None = None, work: str | None = None):
+        """Mount NAMES (dirs under ROOT, top first) at MNT.
+
+        With UPPER and WORK (dirs under ROOT too) the mount is writable.
+        """
         self.kind = kind
         self.mnt = mnt
         self.proc: subprocess.Popen | None = None
         self.log: Path = root / f"{kind}.log"
         self.note = ""
+        rw = ""
+        if upper is not None:
+            rw = f",upperdir={lowerdir_option([upper], root)},workdir={lowerdir_option([work], root)}"
         if kind == "kernel":
-            self._mount_kernel(root, names)
+            self._mount_kernel(root, names, upper, work)
         elif kind == "fuse-overlayfs":
-            opt = "lowerdir=" + lowerdir_option(names, root)
+            opt = "lowerdir=" + lowerdir_option(names, root) + rw
             self._spawn([FUSE_OVERLAYFS, "-f", "-o", opt, str(mnt)])
         elif kind == "ovlfuse":
-            opt = "lowerdir=" + lowerdir_option(names, root)
+            opt = "lowerdir=" + lowerdir_option(names, root) + rw
             self._spawn([sys.executable, "-m", "ovlfuse", "-f", "-o", opt, str(mnt)])
         else:
             raise ValueError(kind)
 
-    def _mount_kernel(self, root: Path, names: list[str]) -> None:
-        if len(names) >= 2:
+    @property
+    def pid(self) -> int | None:
+        """The FUSE daemon's PID (None for the kernel's overlay)."""
+        return self.proc.pid if self.proc is not None else None
+
+    def _mount_kernel(self, root: Path, names: list[str], upper: str | None = None,
+                      work: str | None = None) -> None:
+        if upper is not None:
+            opt = f"lowerdir={lowerdir_option(names)},upperdir={upper},workdir={work}"
+        elif len(names) >= 2:
             opt = "lowerdir=" + lowerdir_option(names)
         else:
             # the kernel needs >= 2 lowers without an upper: add an empty upper
@@ -140,14 +156,18 @@ class Mount:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT,
                                          cwd=Path(__file__).resolve().parent.parent)
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(self.mnt):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} "
-                                   f"before mounting: {self.log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.kind} did not mount within {MOUNT_TIMEOUT}s")
-            time.sleep(0.02)
+        try:
+            deadline = time.monotonic() + MOUNT_TIMEOUT
+            while not is_mounted(self.mnt):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} "
+                                       f"before mounting: {self.log.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.kind} did not mount within {MOUNT_TIMEOUT}s")
+                time.sleep(0.02)
+        except BaseException:
+            self.close()  # never leave the daemon (or a late mount) behind
+            raise
 
     def close(self) -> None:
         if self.proc is None:
