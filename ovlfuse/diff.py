@@ -157,10 +157,18 @@ def _hash(path: bytes) -> str:
 
 @dataclass
 class Difference:
-    path: str
+    path: str  # printable: bytes that are not UTF-8 appear as \\xNN
     kind: str  # one of FIELDS, or "only-in-a" / "only-in-b"
     a: object = None
     b: object = None
+
+    def __post_init__(self) -> None:
+        self.path = printable(self.path)
+
+
+def printable(path: str) -> str:
+    """A scanned path (surrogate-escaped bytes) as valid UTF-8 text for reports and JSON."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _hardlink_groups(tree: dict[str, Rec]) -> dict[str, frozenset[str]]:
