@@ -145,11 +145,23 @@ def read_chain(root: str, layer_dir: str) -> list[str]:
     return chain
 
 
+def _check_markers_readable(diffs: list[str]) -> None:
+    """An ordinary user cannot read ``trusted.overlay.*``: a root-written store would look wrong."""
+    uid = os.geteuid()
+    if uid == 0:
+        return
+    for diff in diffs:
+        if os.stat(diff).st_uid == 0:
+            raise OvlError(f"{diff} was written by root: its trusted.overlay.* markers (opaque directories) "
+                           f"are invisible to uid {uid}, so the merged view would be wrong; mount it as root")
+
+
 def plan_from_store(root: str, layer: str, read_only: bool) -> MountPlan:
     layer_dir = find_layer(root, layer)
     store_root = os.path.dirname(layer_dir) if _is_path(layer) else root
     diff = os.path.realpath(_real_dir(os.path.join(layer_dir, "diff"), "layer diff"))
     lowers = read_chain(store_root, layer_dir)
+    _check_markers_readable([diff] + lowers)
     work = os.path.realpath(os.path.join(layer_dir, "work"))
     plan = MountPlan(lowers=lowers, upper=diff, workdir=work, label=os.path.basename(layer_dir))
     if read_only or os.path.exists(os.path.join(layer_dir, "committed")):

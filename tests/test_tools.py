@@ -250,3 +250,19 @@ def test_verify_as_an_ordinary_user(tmp_path):
         faulty = user.run("verify", "--root", store.root, store.top.id, env={"OVLFUSE_TEST_FAULT": "drop-bottom-layer"})
         assert faulty.returncode == 1, faulty.stdout + faulty.stderr
         assert fingerprint(store.root) == before
+
+
+def test_ordinary_user_is_refused_a_root_written_store(tmp_path):
+    """trusted.overlay.* markers are invisible to an ordinary user: say so instead of serving a wrong view."""
+    from users import ordinary_user
+
+    with ordinary_user() as user:
+        store = rich_store(os.path.join(user.home, "overlay2"))
+        subprocess.run(["chmod", "-R", "a+rX", store.root], check=True)
+        mnt = os.path.join(user.home, "mnt")
+        os.mkdir(mnt)
+        user.own(mnt)
+        result = user.run("--root", store.root, store.image_top.id, mnt)
+        assert result.returncode == 1
+        assert "written by root" in result.stderr and result.stderr.count("\n") == 1
+        assert not os.listdir(mnt)
