@@ -42,7 +42,7 @@ class Rec:
     opaque: bool = False
 
 
-def _type(mode: int) -> str:
+def file_type(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"),
                        (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "chardev"), (stat.S_ISBLK, "blockdev"),
                        (stat.S_ISSOCK, "socket")):
@@ -88,7 +88,7 @@ def scan(root: str, progress: Callable[[int], None] | None = None) -> dict[str, 
             st = os.lstat(path)
         except FileNotFoundError:
             continue  # listed but gone (the kernel lists stray whiteouts it cannot stat)
-        kind = _type(st.st_mode)
+        kind = file_type(st.st_mode)
         rec = Rec(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size if kind != "dir" else 0,
                   st.st_mtime_ns, st.st_ino, xattrs=_xattrs(path))
         if kind == "symlink":
@@ -147,7 +147,7 @@ def _same_content(a: bytes, b: bytes) -> bool:
                 return True
 
 
-def _hash(path: bytes) -> str:
+def content_hash(path: bytes) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -213,7 +213,7 @@ def compare(a_root: str, b_root: str, a: dict[str, Rec], b: dict[str, Rec], time
                     for flag in batch]
         for path, (pa, pb), equal in zip(to_hash, pairs, same):
             if not equal:
-                diffs.append(Difference(path, "content", _hash(pa)[:16], _hash(pb)[:16]))
+                diffs.append(Difference(path, "content", content_hash(pa)[:16], content_hash(pb)[:16]))
     return diffs
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
+
+from ovlfuse.diff import content_hash, file_type
 
 
 @dataclass(frozen=True)
@@ -23,29 +24,12 @@ class Record:
     mtime_ns: int | None
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"),
-                       (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "chardev"), (stat.S_ISBLK, "blockdev"),
-                       (stat.S_ISSOCK, "socket")):
-        if test(mode):
-            return name
-    return "unknown"
-
-
 def _xattrs(path: bytes) -> tuple[tuple[str, bytes], ...]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return ()
     return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names))
-
-
-def _digest(path: bytes) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -92,7 +76,7 @@ def snapshot(root: str, with_times: bool = True) -> Snapshot:
 
 
 def _record(path: bytes, st: os.stat_result, with_times: bool) -> Record:
-    kind = _kind(st.st_mode)
+    kind = file_type(st.st_mode)
     return Record(
         kind=kind,
         mode=st.st_mode,
@@ -100,7 +84,7 @@ def _record(path: bytes, st: os.stat_result, with_times: bool) -> Record:
         gid=st.st_gid,
         nlink=st.st_nlink,
         size=st.st_size,
-        digest=_digest(path) if kind == "file" else None,
+        digest=content_hash(path) if kind == "file" else None,
         target=os.readlink(path) if kind == "symlink" else None,
         rdev=st.st_rdev if kind in ("chardev", "blockdev") else 0,
         xattrs=_xattrs(path),
