@@ -67,7 +67,7 @@ def run_workload(wl, fss: list[str], runs: int) -> dict:
                 why = wl.applies(case, fs)
                 cells[fs] = {"skipped": why} if why else {"runs": []}
             t0 = time.monotonic()
-            for i in range(runs):  # the filesystems take turns, run by run
+            for i in range(min(runs, wl.max_runs or runs)):  # the filesystems take turns
                 for fs in fss:
                     cell = cells[fs]
                     if "skipped" in cell or "error" in cell:
@@ -127,6 +127,7 @@ def machine() -> dict:
         "python": sys.version.split()[0], "pyfuse3": pyfuse3_v,
         "ovlfuse_commit": cmd("git", "-C", str(REPO), "rev-parse", "--short", "HEAD"),
         "ovlfuse_tree_dirty": bool(dirty),
+        "loadavg_at_end": open("/proc/loadavg").read().split()[:3],
         "root_fs": cmd("findmnt", "-no", "FSTYPE", "--target", tempfile.gettempdir()),
     }
 
@@ -160,6 +161,27 @@ def check_numbers(results: dict) -> list[str]:
     return bad
 
 
+def write_outputs(results: dict, out: Path, no_plots: str | None) -> Path:
+    """results.json, the plots and the markdown report; returns the report's path."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results["meta"]["plots_skipped"] = no_plots
+    results["meta"]["plots"] = None if no_plots else report.plots(results, out)
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    md = out.parent / "benchmarks.md" if out == DEFAULT_OUT.resolve() else out / "benchmarks.md"
+    md.write_text(report.markdown(results, os.path.relpath(out, md.parent)))
+    return md
+
+
+def rerender(src: Path, out: Path) -> int:
+    results = json.loads(src.read_text())
+    md = write_outputs(results, out, ensure_matplotlib(install=True))
+    log(f"rewrote {md} and the plots from {src}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group()
@@ -177,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
                     help="output directory (default docs/bench)")
     ap.add_argument("--tmpdir", help="where to build the trees (default: system temp)")
+    ap.add_argument("--from-json", type=Path, metavar="FILE",
+                    help="measure nothing: rewrite the report and plots from FILE "
+                         "(a results.json) into --out")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return rerender(args.from_json, args.out)
     args.mode = args.mode or "quick"
     runs = args.runs or (1 if args.mode == "smoke" else 5)
     if runs < 1:
@@ -196,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("must run as root (kernel overlay mounts, drop_caches)")
     out = args.out.resolve()
-    default_out = out == DEFAULT_OUT.resolve()
     no_plots = ensure_matplotlib(install=args.mode != "smoke")
 
     # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally below runs
@@ -227,18 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.monotonic() - t0, 1), "caches_dropped": caches_dropped,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
-        "plots": None if no_plots else [],
-        "plots_skipped": no_plots,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    if not no_plots:
-        results["meta"]["plots"] = report.plots(results, out)
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    md = out.parent / "benchmarks.md" if default_out else out / "benchmarks.md"
-    img_prefix = os.path.relpath(out, md.parent)
-    md.write_text(report.markdown(results, img_prefix))
+    md = write_outputs(results, out, no_plots)
     log(f"wrote {out / 'results.json'}, {md}"
         + (f"; plots skipped: {no_plots}" if no_plots else f", {len(results['meta']['plots'])} plots"))
     bad_numbers = check_numbers(results)

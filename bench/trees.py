@@ -176,6 +176,27 @@ def build_bigdir(base: Path, entries: int, nlayers: int) -> list[str]:
     return list(reversed(names))
 
 
+def build_wide(base: Path, files: int, nlayers: int, per_dir: int = 1000) -> list[str]:
+    """FILES empty files in dirs of PER_DIR, dealt round-robin over NLAYERS layers.
+
+    Every layer has every directory (so each is merged), and each file lives
+    in one layer.  Returns the layer names, top first.
+    """
+    names = [f"w{i}" for i in range(nlayers)]
+    ndirs = -(-files // per_dir)
+    made = 0
+    for k in range(ndirs):
+        dirs = []
+        for n in names:
+            d = base / n / f"d{k // 100:02d}" / f"d{k:05d}"
+            d.mkdir(parents=True)
+            dirs.append(str(d))
+        for j in range(min(per_dir, files - made)):
+            os.close(os.open(f"{dirs[j % nlayers]}/f{j:04d}", os.O_CREAT | os.O_WRONLY, 0o644))
+            made += 1
+    return list(reversed(names))
+
+
 # --------------------------------------------------------------------------
 # big files: sequential/random reads and copy-up
 

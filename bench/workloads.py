@@ -46,6 +46,7 @@ class Sizes:
     sparse_size: int
     create_files: int
     untar_files: int
+    wide_files: int             # files in the memory walk tree
 
 
 SIZES = {
@@ -53,17 +54,17 @@ SIZES = {
                    rootfs_files=300, rootfs_layers=3, bigdir_entries=600, bigdir_layers=3,
                    seq_size=4 * MiB, rand_reads=100, new_file=4 * MiB,
                    append_sizes=[4096, 64 << 10, MiB], sparse_size=16 * MiB,
-                   create_files=100, untar_files=200),
+                   create_files=100, untar_files=200, wide_files=2000),
     "quick": Sizes(depths=[1, 8, 32, 128, 500], fuse_depths=[], files=2000, missing=2000,
                    rootfs_files=5000, rootfs_layers=4, bigdir_entries=20000, bigdir_layers=4,
                    seq_size=256 * MiB, rand_reads=2000, new_file=64 * MiB,
                    append_sizes=[4096, MiB, 16 * MiB, 64 * MiB], sparse_size=256 * MiB,
-                   create_files=2000, untar_files=2000),
+                   create_files=2000, untar_files=2000, wide_files=50000),
     "full": Sizes(depths=[1, 8, 32, 128, 500], fuse_depths=[1000], files=2000, missing=10000,
                   rootfs_files=20000, rootfs_layers=5, bigdir_entries=100000, bigdir_layers=4,
                   seq_size=1024 * MiB, rand_reads=5000, new_file=256 * MiB,
                   append_sizes=[4096, MiB, 64 * MiB, 1024 * MiB], sparse_size=1024 * MiB,
-                  create_files=10000, untar_files=10000),
+                  create_files=10000, untar_files=10000, wide_files=1000000),
 }
 
 
@@ -198,6 +199,7 @@ class Workload:
     about = ""            # one paragraph for docs/benchmarks.md
     case_label = ""       # what a case key means ("" = one case only)
     metrics: dict = {}    # name -> (unit, "lower"/"higher"/None, meaning)
+    max_runs = 0          # > 0: at most this many runs, whatever --runs says
 
     def __init__(self, b: Bench) -> None:
         self.b = b
@@ -583,4 +585,40 @@ class Writes(Workload):
         return now() - t
 
 
-WORKLOADS = [LookupDepth, MetadataWalk, Readdir, SeqRead, Writes]
+class MemoryWalk(Workload):
+    name = "memory_walk"
+    title = "Memory on a huge tree walk"
+    max_runs = 1
+
+    def __init__(self, b):
+        super().__init__(b)
+        s = b.sizes
+        self.about = (
+            f"How much memory a daemon needs while the kernel holds a whole tree in its "
+            f"caches: {s.wide_files:,} empty files in directories of 1,000, each directory "
+            f"merged from 2 layers.  One cold scandir + lstat walk of everything on a fresh "
+            f"mount (caches dropped); one run only, whatever `--runs` says, since it is "
+            f"about peak memory (`daemon_rss_MB`), not time.")
+        self.metrics = {
+            "walk_cold_s": ("s", "lower", "scandir + lstat of everything, caches dropped"),
+            "entries": ("entries", None, "entries walked (a check)"),
+        }
+
+    def cases(self):
+        root = self.b.tmp / "wide"
+        try:
+            names = trees.build_wide(root, self.b.sizes.wide_files, 2)
+            yield "", (root, names)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def run(self, state, case, fs, meter, i):
+        root, names = state
+        with self.b.mount(fs, root, names, meter) as mnt:
+            self.b.drop()
+            t = now()
+            n = lstat_walk(mnt)
+            return {"walk_cold_s": now() - t, "entries": float(n)}
+
+
+WORKLOADS = [LookupDepth, MetadataWalk, Readdir, SeqRead, Writes, MemoryWalk]

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FS = ("kernel", "fuse-overlayfs", "ovlfuse")
-WORKLOADS = ("lookup_depth", "metadata_walk", "readdir", "seq_read", "writes")
+WORKLOADS = ("lookup_depth", "metadata_walk", "readdir", "seq_read", "writes", "memory_walk")
 
 
 def _mounts() -> str:
