@@ -14,7 +14,10 @@ import contextlib
 import dataclasses
 import errno
 import os
+import pathlib
+import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -137,7 +140,7 @@ def read(rel: str) -> Op:
 def stat_of(rel: str) -> Op:
     def op(root: str) -> tuple:
         st = os.lstat(p(root, rel))
-        return (stat.filemode(st.st_mode), st.st_nlink if not stat.S_ISDIR(st.st_mode) else None,
+        return (stat.filemode(st.st_mode), st.st_nlink,
                 st.st_uid, st.st_gid, st.st_size if not stat.S_ISDIR(st.st_mode) else None, st.st_rdev)
     op.__name__ = f"stat {rel}"
     return op
@@ -155,12 +158,19 @@ def named(name: str, fn: Callable[[str], object]) -> Op:
     return fn
 
 
+_OPEN_MODES = {"wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+               "r+b": os.O_RDWR}
+
+
 def write_file(rel: str, data: bytes, mode: str = "wb", at: int | None = None) -> Op:
     def op(root: str) -> int:
-        with open(p(root, rel), mode) as f:
+        fd = os.open(p(root, rel), _OPEN_MODES[mode] | os.O_NONBLOCK, 0o644)  # a fifo must not block
+        try:
             if at is not None:
-                f.seek(at)
-            return f.write(data)
+                os.lseek(fd, at, os.SEEK_SET)
+            return os.write(fd, data)
+        finally:
+            os.close(fd)
     return named(f"write {rel} {mode} at {at}", op)
 
 
@@ -306,3 +316,137 @@ def test_upper_dir_round_trips_through_the_kernel(tmp_path):
         taken_over = snapshot(kmnt)
     assert differences(expected, normalized(taken_over, started)) == []
     assert taken_over.inos == served.inos, "the kernel reports other inode numbers for ovlfuse's upper dir"
+
+
+# --- generated sequences --------------------------------------------------------
+
+POOL = [
+    "a", "a/b", "a/b/c", "a/b/c/d", "a/b/c/d/e", "a/b/c/d/e/deep", "a/shadow", "a/hard3", "a/b/new-in-middle",
+    "hard1", "big", "empty", "setuid", "sticky", "readonly", "rel-link", "dangling", "fifo", "xattr-file",
+    "opq-dev", "opq-dev/new", "opq-upper", "only-low", "only-low/inner", "only-low/inner/f", "only-upper",
+    "only-upper/x", "only-upper/x/y", "container-new", "container-link", "xw", "xw/keep", "wdir", "comeback",
+    "stray", "stray/plain", "dir-becomes-file", "file-becomes-dir", "file-becomes-dir/inside",
+    "n1", "n2", "a/n3", "a/b/c/n4", "only-low/inner/n5", "wdir/n6", "xw/n7", "opq-upper/n8",
+]
+
+
+def _machine():
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+    paths = st.sampled_from(POOL)
+
+    class WritePathMachine(RuleBasedStateMachine):
+        """Random calls on both mounts; every result, the trees and finally the upper dirs must match."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.tmp = tempfile.mkdtemp(prefix="ovlfuse-hyp.")
+            self.mounts = contextlib.ExitStack()
+            kernel, ours, kmnt, omnt = make_pair(pathlib.Path(self.tmp))
+            started = time.time_ns()
+            self.mounts.enter_context(kernel_view(kernel, kmnt))
+            self.mounts.enter_context(ovlfuse_mount(_mount_args(ours, omnt), omnt))
+            self.pair = Pair(kernel, ours, kmnt, omnt, started)
+            self.steps = 0
+
+        def run(self, op: Op) -> None:
+            self.steps += 1
+            assert self.pair.apply([op]) == []
+
+        @rule(path=paths, data=st.binary(max_size=64), how=st.sampled_from(["wb", "ab", "r+b"]),
+              at=st.integers(0, 5000))
+        def write(self, path, data, how, at):
+            self.run(write_file(path, data, how, at if how == "r+b" else None))
+
+        @rule(path=paths, length=st.integers(0, 3000))
+        def truncate(self, path, length):
+            self.run(fs("truncate", os.truncate, path, length))
+
+        @rule(path=paths, mode=st.sampled_from([0o644, 0o4755, 0o2750, 0o1777, 0o600, 0o000]))
+        def chmod(self, path, mode):
+            self.run(fs("chmod", os.chmod, path, mode))
+
+        @rule(path=paths, uid=st.sampled_from([0, 7, 1234]), gid=st.sampled_from([-1, 0, 8]))
+        def chown(self, path, uid, gid):
+            self.run(fs("lchown", os.chown, path, uid, gid, follow_symlinks=False))
+
+        @rule(path=paths, t=st.integers(0, 2**33))
+        def utime(self, path, t):
+            self.run(fs("utime", os.utime, path, ns=(t, t), follow_symlinks=False))
+
+        @rule(path=paths, name=st.sampled_from(["user.a", "user.b", "trusted.t", "trusted.overlay.x"]),
+              value=st.binary(max_size=8))
+        def setxattr(self, path, name, value):
+            self.run(fs("setxattr", os.setxattr, path, name, value, follow_symlinks=False))
+
+        @rule(path=paths, name=st.sampled_from(["user.a", "user.color", "user.dir", "trusted.overlay.x"]))
+        def removexattr(self, path, name):
+            self.run(fs("removexattr", os.removexattr, path, name, follow_symlinks=False))
+
+        @rule(path=paths)
+        def unlink(self, path):
+            self.run(fs("unlink", os.unlink, path))
+
+        @rule(path=paths)
+        def rmdir(self, path):
+            self.run(fs("rmdir", os.rmdir, path))
+
+        @rule(path=paths)
+        def mkdir(self, path):
+            self.run(fs("mkdir", os.mkdir, path))
+
+        @rule(src=paths, dst=paths)
+        def rename(self, src, dst):
+            self.run(fs("rename", os.rename, (src, dst)))
+
+        @rule(src=paths, dst=paths)
+        def link(self, src, dst):
+            self.run(fs("link", os.link, (src, dst), follow_symlinks=False))
+
+        @rule(path=paths, dest=st.sampled_from(["x", "../a", "/etc"]))
+        def symlink(self, path, dest):
+            self.run(named(f"symlink {path} -> {dest}", lambda root: os.symlink(dest, p(root, path))))
+
+        @rule(path=paths)
+        def mkfifo(self, path):
+            self.run(fs("mkfifo", os.mkfifo, path))
+
+        @rule(path=paths)
+        def look(self, path):
+            self.run(stat_of(path))
+            self.run(xattrs_of(path))
+
+        @rule(path=paths)
+        def read_or_list(self, path):
+            if os.path.isdir(p(self.pair.kmnt, path)):
+                self.run(listing(path))
+            elif os.path.isfile(p(self.pair.kmnt, path)):
+                self.run(read(path))
+
+        @invariant()
+        def trees_match(self):
+            if self.steps % 8 == 7:
+                assert self.pair.tree_differences() == []
+
+        def teardown(self):
+            try:
+                if self.steps:
+                    assert self.pair.tree_differences() == []
+                self.mounts.close()
+                assert self.pair.upper_differences() == []
+            finally:
+                self.mounts.close()
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+    return WritePathMachine
+
+
+def test_generated_sequences_match_kernel():
+    from hypothesis import HealthCheck, settings
+
+    machine = _machine()
+    examples = int(os.environ.get("OVLFUSE_HYPOTHESIS_EXAMPLES", "25"))
+    machine.TestCase.settings = settings(max_examples=examples, stateful_step_count=40, deadline=None,
+                                         suppress_health_check=list(HealthCheck))
+    machine.TestCase().runTest()
