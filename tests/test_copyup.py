@@ -1,0 +1,154 @@
+"""Copy-up and file data through an ovlfuse mount: holes, big files, crashes, integrity."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mounts import ovlfuse_mount
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+def layers(tmp_path):
+    dirs = {name: tmp_path / name for name in ("lower", "upper", "work", "mnt")}
+    for d in dirs.values():
+        d.mkdir()
+    return dirs
+
+
+def _args(layers) -> list[str]:
+    return ["-o", f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}",
+            str(layers["mnt"])]
+
+
+def test_sparse_gigabyte_copies_up_fast_and_stays_sparse(layers):
+    path = layers["lower"] / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(GiB)
+        f.seek(GiB // 2)
+        f.write(b"x")
+    with ovlfuse_mount(_args(layers), str(layers["mnt"])):
+        started = time.monotonic()
+        with open(layers["mnt"] / "sparse", "r+b") as f:
+            f.write(b"y")
+        took = time.monotonic() - started
+        with open(layers["mnt"] / "sparse", "rb") as f:
+            f.seek(GiB // 2)
+            assert f.read(1) == b"x"
+    upper = os.stat(layers["upper"] / "sparse")
+    assert upper.st_size == GiB
+    assert upper.st_blocks * 512 <= 1 << 20, f"the copy allocated {upper.st_blocks * 512} bytes"
+    assert took < 1.0, f"copy-up of a sparse 1 GiB file took {took:.2f} s"
+
+
+def test_deleting_a_big_lower_file_copies_nothing(layers):
+    with open(layers["lower"] / "big", "wb") as f:
+        f.truncate(GiB)
+    with ovlfuse_mount(_args(layers), str(layers["mnt"])):
+        started = time.monotonic()
+        os.unlink(layers["mnt"] / "big")
+        took = time.monotonic() - started
+        assert not os.path.exists(layers["mnt"] / "big")
+    st = os.lstat(layers["upper"] / "big")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0  # just a whiteout
+    assert os.listdir(layers["upper"]) == ["big"]
+    assert os.listdir(layers["work"] / "work") == []
+    assert took < 0.2
+
+
+def _fill(path, size: int) -> bytes:
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+    return chunk
+
+
+def test_killed_during_copy_up_leaves_nothing_partial(layers):
+    """kill -9 mid-copy: the name keeps its old data, and the half copy is removed at the next mount."""
+    size = 512 << 20
+    chunk = _fill(layers["lower"] / "huge", size)
+    (layers["lower"] / "small").write_bytes(b"small\n")
+    work = layers["work"] / "work"
+    mnt = layers["mnt"]
+    with ovlfuse_mount(_args(layers), str(mnt)) as daemon:
+        writer = subprocess.Popen([sys.executable, "-c", f"open({str(mnt / 'huge')!r}, 'ab').write(b'z')"],
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not any(os.stat(work / n).st_size > 0 for n in os.listdir(work)):
+            assert time.monotonic() < deadline and writer.poll() is None, "the copy-up was not caught running"
+            time.sleep(0.001)
+        # the copy runs on a worker thread: other requests are still served meanwhile
+        started = time.monotonic()
+        assert (mnt / "small").read_bytes() == b"small\n"
+        served_in = time.monotonic() - started
+        daemon.kill()
+        daemon.wait()
+        writer.wait(timeout=30)
+    assert not (layers["upper"] / "huge").exists(), "a partial copy became visible"
+    assert os.listdir(work), "expected the interrupted copy in work/"
+    with ovlfuse_mount(_args(layers), str(mnt)):
+        assert os.listdir(work) == [], "work/ is cleaned at mount"
+        st = os.stat(mnt / "huge")
+        assert st.st_size == size
+        with open(mnt / "huge", "rb") as f:
+            assert f.read(len(chunk)) == chunk
+            f.seek(size - len(chunk))
+            assert f.read() == chunk
+    assert served_in < 0.5, f"a read waited {served_in:.2f} s for a copy-up"
+
+
+def test_random_io_matches_a_model(layers):
+    """fsx style: seeded random writes, truncates, appends and reads on new and copied-up files."""
+    rng = random.Random(1234)
+    models = {"new": bytearray(), "old": bytearray(rng.randbytes(300_000))}
+    (layers["lower"] / "old").write_bytes(models["old"])
+    mnt = layers["mnt"]
+    with ovlfuse_mount(_args(layers), str(mnt)):
+        (mnt / "new").write_bytes(b"")
+        fds = {name: os.open(mnt / name, os.O_RDWR) for name in models}
+        try:
+            for step in range(3000):
+                name = rng.choice(list(models))
+                model, fd = models[name], fds[name]
+                action = rng.random()
+                if action < 0.4:
+                    offset = rng.randrange(0, len(model) + 50_000)
+                    data = rng.randbytes(rng.randrange(1, 70_000))
+                    assert os.pwrite(fd, data, offset) == len(data)
+                    if offset > len(model):
+                        model.extend(bytes(offset - len(model)))
+                    model[offset:offset + len(data)] = data
+                elif action < 0.55:
+                    length = rng.randrange(0, len(model) + 100_000)
+                    os.ftruncate(fd, length)
+                    del model[length:]
+                    model.extend(bytes(length - len(model)))
+                elif action < 0.65:
+                    data = rng.randbytes(rng.randrange(1, 10_000))
+                    with open(mnt / name, "ab") as f:
+                        f.write(data)
+                    model.extend(data)
+                else:
+                    offset = rng.randrange(0, len(model) + 1)
+                    size = rng.randrange(0, 200_000)
+                    assert os.pread(fd, size, offset) == bytes(model[offset:offset + size]), f"step {step}"
+                    assert os.fstat(fd).st_size == len(model), f"step {step}"
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        for name, model in models.items():
+            assert (mnt / name).read_bytes() == model
+    for name, model in models.items():
+        assert (layers["upper"] / name).read_bytes() == model
+    with ovlfuse_mount(_args(layers), str(mnt)):
+        for name, model in models.items():
+            assert (mnt / name).read_bytes() == model
