@@ -228,7 +228,10 @@ the venv on first use; without it the tables are still written.
 Every workload mounts each filesystem fresh, for every run: the kernel's
 overlay with `mount -t overlay`, fuse-overlayfs (`/usr/bin/fuse-overlayfs -f`)
 and ovlfuse (`.venv/bin/python -m ovlfuse -f`) as children of the benchmark,
-each with its default options.  The filesystems take turns run by run.  "Cold"
+each with its default options (ovlfuse raises its own mount's
+`read_ahead_kb` to 1024 when it starts; the others keep the kernel's 128).
+The filesystems take turns run by run, so drift on the machine spreads over
+all three.  "Cold"
 means `sync; echo 3 > /proc/sys/vm/drop_caches` right before the measurement
 on a fresh mount: page cache, dentries and inodes are gone, for the overlay and
 for the disk filesystem under it.  "Warm" is the same thing again right
