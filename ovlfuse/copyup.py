@@ -110,6 +110,13 @@ def copy_data(src: int, dst: int, size: int) -> None:
     os.ftruncate(dst, size)
 
 
+def _rename_keeping_times(work_fd: int, tmp: bytes, upper_parent: int, name: bytes) -> None:
+    """Move a finished copy into place; like the kernel, a copy-up leaves the parent's times alone."""
+    before = os.stat(fd_path(upper_parent))
+    renameat2(work_fd, tmp, upper_parent, name, RENAME_NOREPLACE)
+    os.utime(fd_path(upper_parent), ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
 class CopyUp:
     """Copies lower objects into the upper layer, parents first."""
 
@@ -146,7 +153,7 @@ class CopyUp:
             finally:
                 os.close(src)
             origin.record(self.stack, src_parent, directory.name, self.work.fd, tmp)
-            renameat2(self.work.fd, tmp, upper_parent, directory.name, RENAME_NOREPLACE)
+            _rename_keeping_times(self.work.fd, tmp, upper_parent, directory.name)
         except BaseException:
             self._discard(tmp)
             raise
@@ -210,7 +217,7 @@ class CopyUp:
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
             copy_metadata(st, src_parent, name, wfd, tmp)
             origin.record(self.stack, src_parent, name, wfd, tmp)
-            renameat2(wfd, tmp, upper_parent, name, RENAME_NOREPLACE)
+            _rename_keeping_times(wfd, tmp, upper_parent, name)
         except BaseException:
             self._discard(tmp)
             raise

@@ -237,8 +237,6 @@ class DirOps:
     async def rename(self, p1: Entry, n1: bytes, p2: Entry, n2: bytes, flags: int,
                      copy_up: Callable[[Entry], Awaitable[object]]) -> tuple[Entry, Entry | None]:
         """Move ``n1`` to ``n2`` (``copy_up`` brings the source up); returns (moved, replaced or None)."""
-        if flags & RENAME_EXCHANGE:
-            raise _fail(errno.EINVAL)
         if n2.startswith(WH_PREFIX):
             raise _fail(errno.EINVAL)
         src = self.existing(p1, n1)
@@ -268,6 +266,35 @@ class DirOps:
             self.namei.drop(old_path, subtree=True)
             self.namei.drop(src.path, subtree=True)
         return src, dst
+
+    async def exchange(self, p1: Entry, n1: bytes, p2: Entry, n2: bytes,
+                       copy_up: Callable[[Entry], Awaitable[object]]) -> tuple[Entry, Entry]:
+        """Swap two names (RENAME_EXCHANGE); no whiteouts are needed since both names stay."""
+        first, second = self.existing(p1, n1), self.existing(p2, n2)
+        for entry in (first, second):
+            if entry.dirs and (not entry.layer.is_upper or entry.merged):
+                raise _fail(errno.EXDEV)
+        await copy_up(first)
+        await copy_up(second)
+        up1 = self.copyup.upper_dir(p1)
+        try:
+            up2 = self.copyup.upper_dir(p2)
+            try:
+                for entry, fd, name, into in ((first, up1, n1, p2), (second, up2, n2, p1)):
+                    if entry.dirs and into.merged and opaque_value(fd, name) != b"y":
+                        set_opaque(fd, name, self.stack.userxattr)
+                renameat2(up1, n1, up2, n2, RENAME_EXCHANGE)
+            finally:
+                os.close(up2)
+        finally:
+            os.close(up1)
+        self.namei.put(p1.path, n1, second)
+        self.namei.put(p2.path, n2, first)
+        for entry in (first, second):
+            if entry.dirs:
+                self.namei.drop(entry.path, subtree=True)
+        first.path, second.path = child_path(p2.path, n2), child_path(p1.path, n1)
+        return first, second
 
     def _move(self, src: Entry, up1: int, n1: bytes, up2: int, n2: bytes, src_below: bool, into_merged: bool) -> None:
         """Rename in the upper layer; a directory moved into a merged place is made opaque (as the kernel)."""

@@ -346,19 +346,34 @@ class MergeEngine:
             p1 = self._directory_now(p1_ino)
             p2 = self._directory_now(p2_ino)
             with _errno():
-                old_path = ops.existing(p1, n1).path
-                src, dst = await ops.rename(p1, n1, p2, n2, flags, self._copy_up)
+                if flags & pyfuse3.RENAME_EXCHANGE:
+                    first, second = ops.existing(p1, n1), ops.existing(p2, n2)
+                    moves = [(first, first.path), (second, second.path)]
+                    await ops.exchange(p1, n1, p2, n2, self._copy_up)
+                    replaced = None
+                else:
+                    old_path = ops.existing(p1, n1).path
+                    src, replaced = await ops.rename(p1, n1, p2, n2, flags, self._copy_up)
+                    moves = [(src, old_path)]
             self._settle()
-            node = self.nodes.find(src.ino)
-            if node is not None and node.entry.path in (old_path, src.path):
-                node.entry = src
-            if src.dirs:
-                prefix = old_path + b"/"
-                for node in self.nodes.nodes():
-                    if node.entry.path.startswith(prefix):
-                        node.entry.path = src.path + b"/" + node.entry.path[len(prefix):]
-            if dst is not None and not dst.dirs:
-                self._unlinked(dst)
+            self._moved(moves)
+            if replaced is not None and not replaced.dirs:
+                self._unlinked(replaced)
+
+    def _moved(self, moves: list[tuple[Entry, bytes]]) -> None:
+        """Point moved entries' nodes, and the nodes below moved directories, at the new paths."""
+        renames: list[tuple[Entry, bytes]] = []  # computed first: an exchange swaps two prefixes
+        for node in self.nodes.nodes():
+            for entry, old_path in moves:
+                if entry.dirs and node.entry.path.startswith(old_path + b"/"):
+                    renames.append((node.entry, entry.path + node.entry.path[len(old_path):]))
+                    break
+        for moved, path in renames:
+            moved.path = path
+        for entry, old_path in moves:
+            node = self.nodes.find(entry.ino)
+            if node is not None and node.entry.path in (old_path, entry.path):
+                node.entry = entry
 
     async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None) -> pyfuse3.EntryAttributes:

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import pytest
 
 from mounts import kernel_mount, ovlfuse_mount
+from ovlfuse.safeio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from stores import Store, kernel_twin, rich_store
 from treesnap import Record, Snapshot, differences, snapshot
 
 Op = Callable[[str], object]
+AT_FDCWD = -100
 BOOKKEEPING = {"trusted.overlay.origin", "trusted.overlay.impure", "trusted.overlay.uuid"}
 
 
@@ -203,7 +205,37 @@ def fs(name: str, fn: Callable[..., object], rels: str | tuple[str, ...], *args:
     return named(f"{name} {' '.join(paths)} {args or ''} {kwargs or ''}", op)
 
 
+def rename2(a: str, b: str, flags: int) -> Op:
+    def op(root: str) -> None:
+        renameat2(AT_FDCWD, os.fsencode(p(root, a)), AT_FDCWD, os.fsencode(p(root, b)), flags)
+    return named(f"renameat2 {a} {b} flags {flags}", op)
+
+
+def changes(observed: str, action: Op) -> Op:
+    """Which attributes of ``observed`` an action changes, as seen through the (caching) mount."""
+    fields = ("st_ino", "st_mode", "st_nlink", "st_size", "st_mtime_ns", "st_ctime_ns")
+
+    def op(root: str) -> list[str]:
+        before = os.lstat(p(root, observed))
+        action(root)
+        after = os.lstat(p(root, observed))
+        return [f for f in fields if getattr(before, f) != getattr(after, f)]
+    return named(f"changes of {observed} by {action.__name__}", op)
+
+
 SEQUENCE: list[Op] = [
+    # what the kernel's caches must not hide: attributes changed by copy-up and by other names
+    changes("names", fs("chmod", os.chmod, "names/sp ace", 0o600)),
+    changes("names/sp ace", fs("chmod", os.chmod, "names/sp ace", 0o640)),
+    changes("a/b/c/d/e/deep", fs("chown", os.chown, "a/b/c/d/e/deep", 3, 3)),
+    changes("a/b/c/d", write_file("a/b/c/d/fresh", b"f")),
+    changes("only-low", fs("mkdir", os.mkdir, "only-low/sub")),
+    changes("only-low/inner", fs("mkdir", os.mkdir, "only-low/inner/sub")),
+    changes("only-upper", fs("mkdir", os.mkdir, "only-upper/sub")),
+    changes("container-link", fs("link", os.link, ("container-new", "container-new2"))),
+    changes("container-new2", fs("unlink", os.unlink, "container-new2")),
+    changes("a/hard3", write_file("a/up-link/../../hard1", b"", "ab")),
+    changes("hard1", write_file("hard1", b"", "ab")),
     # files: new, lower (copy-up), appends, truncates, writes in the middle
     write_file("new1", b"hello"), read("new1"), stat_of("new1"),
     write_file("a/b/c/d/e/deep", b"more\n", "ab"), read("a/b/c/d/e/deep"),
@@ -278,6 +310,15 @@ SEQUENCE: list[Op] = [
     write_file("hard1", b"changed", "ab"), read("hard1"), read("a/hard3"),
     same_file("hard1", "a/hard3"), stat_of("a/hard3"), stat_of("hard1"),
     fs("link", os.link, ("a/hard3", "hard5")), same_file("a/hard3", "hard5"), read("hard5"),
+    # renameat2 flags
+    rename2("setuid", "setgid", RENAME_EXCHANGE), read("setuid"), read("setgid"), stat_of("setuid"),
+    rename2("a/b/c/d/e/deep", "container-link", RENAME_EXCHANGE), read("container-link"), read("container-new"),
+    rename2("only-low-moved", "stray", RENAME_EXCHANGE),
+    rename2("only-low", "stray", RENAME_EXCHANGE),
+    rename2("sgid-dir/sub", "a/b2", RENAME_EXCHANGE),
+    rename2("sgid-dir/sub", "wdir/x", RENAME_EXCHANGE), listing("wdir/x"), listing("sgid-dir/sub"),
+    rename2("fifo2", "no-such", RENAME_EXCHANGE),
+    rename2("hard5", "comeback", RENAME_NOREPLACE), rename2("hard5", "hard6", RENAME_NOREPLACE),
     listing(""), listing("a"),
 ]
 
