@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"workload {wl.name}")
             results["workloads"][wl.name] = run_workload(wl, fss, runs)
         caches_dropped = b.caches_dropped
+        read_ahead = {fs: sorted(v) for fs, v in b.read_ahead.items()}
     finally:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode, "runs": runs, "fs": fss,
         "sizes": vars(sizes), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "elapsed_s": round(time.monotonic() - t0, 1), "caches_dropped": caches_dropped,
+        "read_ahead_kb": read_ahead,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
     }

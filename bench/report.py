@@ -228,8 +228,9 @@ the venv on first use; without it the tables are still written.
 Every workload mounts each filesystem fresh, for every run: the kernel's
 overlay with `mount -t overlay`, fuse-overlayfs (`/usr/bin/fuse-overlayfs -f`)
 and ovlfuse (`.venv/bin/python -m ovlfuse -f`) as children of the benchmark,
-each with its default options (ovlfuse raises its own mount's
-`read_ahead_kb` to 1024 when it starts; the others keep the kernel's 128).
+each with its default options.  ovlfuse means to raise its own mount's
+`read_ahead_kb` to 1024 when it starts; the read-ahead each FUSE mount really
+had is recorded under "This run" (runs from before this was recorded lack it).
 The filesystems take turns run by run, so drift on the machine spreads over
 all three.  "Cold"
 means `sync; echo 3 > /proc/sys/vm/drop_caches` right before the measurement
@@ -270,6 +271,10 @@ def markdown(results: dict, img: str) -> str:
                  f"{mach['ovlfuse_commit']}"
                  + (" with uncommitted changes in ovlfuse/ (work in progress by then)"
                     if mach["ovlfuse_tree_dirty"] else "") + ".")
+    if meta.get("read_ahead_kb"):
+        lines.append("- `read_ahead_kb` of the FUSE mounts, read just before unmounting: "
+                     + ", ".join(f"{fs} {'/'.join(map(str, v))}"
+                                 for fs, v in meta["read_ahead_kb"].items()) + ".")
     if not meta["caches_dropped"]:
         lines.append("- **Caches could not be dropped**: cold numbers are only fresh mounts.")
     if meta.get("plots_skipped"):
@@ -382,9 +387,11 @@ def _plot_depth(plt, w, fss):
         ax.set_xticks(depths)
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        lo, hi = ax.get_ylim()
+        subs = (1, 2, 5) if hi / lo >= 8 else (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=subs))
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(
-            lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(titles[k])
         ax.set_xlabel("layers")
         ax.set_ylabel("µs per lookup")

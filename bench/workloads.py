@@ -130,6 +130,7 @@ class Bench:
         self.caches_dropped = True
         self._data: tuple[Path, list[str]] | None = None
         self._tarball: Path | None = None
+        self.read_ahead: dict[str, set[int]] = {}  # fs -> read_ahead_kb seen on its mounts
 
     def drop(self) -> None:
         self.caches_dropped &= drop_caches()
@@ -144,6 +145,13 @@ class Bench:
             start = Meter.cpu_of(m.pid) if m.pid else 0.0
             yield mnt
             if m.pid and m.proc.poll() is None:
+                st = os.stat(mnt)
+                try:
+                    with open(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+                              "/read_ahead_kb") as f:
+                        self.read_ahead.setdefault(fs, set()).add(int(f.read()))
+                except (OSError, ValueError):
+                    pass
                 meter.cpu += Meter.cpu_of(m.pid) - start
                 meter.rss = max(meter.rss, Meter.hwm_of(m.pid))
                 meter.seen = True
