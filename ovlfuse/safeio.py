@@ -84,7 +84,6 @@ def list_xattrs(dirfd: int, name: bytes | None) -> list[str]:
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
-_AT_FDCWD = -100
 
 
 def _check(ret: int, what: bytes) -> int:

@@ -95,8 +95,8 @@ def upper_snapshot(diff: str, started_ns: int) -> Snapshot:
     return Snapshot(snap.records, inos, snap.dino_mismatch)
 
 
-def _mount_args(store: Store, mnt: str) -> list[str]:
-    return ["--root", store.root, store.top.id, mnt]
+def _mount_args(store: Store, mnt: str, *options: str) -> list[str]:
+    return [*(a for o in options for a in ("-o", o)), "--root", store.root, store.top.id, mnt]
 
 
 @contextlib.contextmanager
@@ -107,21 +107,21 @@ def kernel_view(store: Store, mnt: str) -> Iterator[None]:
         yield
 
 
-def make_pair(tmp_path) -> tuple[Store, Store, str, str]:
+def make_pair(tmp_path, mounts_in: str | None = None) -> tuple[Store, Store, str, str]:
     source = rich_store(str(tmp_path / "source"), link_length=6)
     kernel = kernel_twin(source, str(tmp_path / "kernel"))
     ours = kernel_twin(source, str(tmp_path / "ours"))
-    kmnt, omnt = str(tmp_path / "kmnt"), str(tmp_path / "omnt")
+    kmnt, omnt = (os.path.join(mounts_in or str(tmp_path), name) for name in ("kmnt", "omnt"))
     os.mkdir(kmnt)
     os.mkdir(omnt)
     return kernel, ours, kmnt, omnt
 
 
 @contextlib.contextmanager
-def mounted_pair(tmp_path) -> Iterator[Pair]:
-    kernel, ours, kmnt, omnt = make_pair(tmp_path)
+def mounted_pair(tmp_path, mounts_in: str | None = None, *options: str) -> Iterator[Pair]:
+    kernel, ours, kmnt, omnt = make_pair(tmp_path, mounts_in)
     started = time.time_ns()
-    with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt), omnt):
+    with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt, *options), omnt):
         yield Pair(kernel, ours, kmnt, omnt, started)
 
 
@@ -334,6 +334,68 @@ def test_sequence_matches_kernel(tmp_path):
     assert pair.results["rename only-low only-low-moved  "] == ("error", "EXDEV")
     assert pair.results["mknod 0:0 zero (8576, 0) "] == ("error", "EPERM")
     assert pair.results["read a/hard3"] == ("ok", b"hard\n")
+
+
+USER = 4321
+# security.capability v2: CAP_NET_BIND_SERVICE permitted and effective
+CAPABILITY = (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
+
+
+def as_user(action: Op) -> Op:
+    """Run ``action`` in a child process with an ordinary uid and gid."""
+    def op(root: str) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                os.setgroups([])
+                os.setgid(USER)
+                os.setuid(USER)
+                action(root)
+                code = 0
+            except OSError as e:
+                code = 100 + e.errno
+            finally:
+                os._exit(code)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code >= 100:
+            raise OSError(code - 100, os.strerror(code - 100))
+        assert code == 0
+    return named(f"as user: {action.__name__}", op)
+
+
+PRIVILEGE_SEQUENCE: list[Op] = [
+    fs("chmod", os.chmod, "", 0o777), stat_of(""),
+    fs("chmod", os.chmod, "setuid", 0o4777), stat_of("setuid"),
+    as_user(write_file("setuid", b"user", "ab")), stat_of("setuid"),
+    fs("chmod", os.chmod, "setgid", 0o2777), stat_of("setgid"),
+    as_user(fs("truncate", os.truncate, "setgid", 1)), stat_of("setgid"),
+    fs("chmod", os.chmod, "hard1", 0o6777), as_user(fs("truncate", os.truncate, "hard1", 0)), stat_of("hard1"),
+    fs("setxattr", os.setxattr, "xattr-file", "security.capability", CAPABILITY), xattrs_of("xattr-file"),
+    write_file("xattr-file", b"root writes", "ab"), xattrs_of("xattr-file"),
+    fs("setxattr", os.setxattr, "empty", "security.capability", CAPABILITY),
+    fs("chown", os.chown, "empty", 0, 0), xattrs_of("empty"),
+    fs("chmod", os.chmod, "fifo", 0o4755), fs("chown", os.chown, "fifo", 1, 1), stat_of("fifo"),
+    fs("chmod", os.chmod, "big", 0o4755), fs("chown", os.chown, "big", 1, 1), stat_of("big"),
+    as_user(write_file("user-file", b"mine")), stat_of("user-file"),
+    as_user(fs("mkdir", os.mkdir, "sticky/user-dir")), stat_of("sticky/user-dir"),
+    as_user(fs("unlink", os.unlink, "a/b/c/d/e/deep")),
+    as_user(write_file("readonly", b"no", "ab")),
+]
+
+
+def test_privileges_match_kernel(tmp_path):
+    """set-user-ID bits, capabilities and ownership as an ordinary user's writes leave them."""
+    mounts_in = tempfile.mkdtemp(prefix="ovlfuse-priv.")
+    os.chmod(mounts_in, 0o755)
+    try:
+        with mounted_pair(tmp_path, mounts_in, "allow_other") as pair:
+            assert "\n".join(pair.apply(PRIVILEGE_SEQUENCE)) == ""
+            assert "\n".join(pair.tree_differences()) == ""
+        assert "\n".join(pair.upper_differences()) == ""
+        assert pair.results["as user: write user-file wb at None"] == ("ok", None)
+    finally:
+        shutil.rmtree(mounts_in, ignore_errors=True)
 
 
 def test_upper_dir_round_trips_through_the_kernel(tmp_path):
