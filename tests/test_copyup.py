@@ -152,3 +152,32 @@ def test_random_io_matches_a_model(layers):
     with ovlfuse_mount(_args(layers), str(mnt)):
         for name, model in models.items():
             assert (mnt / name).read_bytes() == model
+
+
+def test_killed_during_renames_leaves_each_file_whole_under_one_name(layers):
+    """kill -9 in a stream of renames of lower files: each file is whole under its old or its new name."""
+    count = 300
+    for i in range(count):
+        (layers["lower"] / f"f{i}").write_bytes(b"%d\n" % i * 100)
+    mnt = layers["mnt"]
+    script = (f"import os\nfor i in range({count}):\n"
+              f"    os.rename('{mnt}/f%d' % i, '{mnt}/g%d' % i)\n")
+    with ovlfuse_mount(_args(layers), str(mnt)) as daemon:
+        renamer = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while sum(n.startswith("g") for n in os.listdir(layers["upper"])) < count // 3:
+            assert time.monotonic() < deadline and renamer.poll() is None, "renames did not get going"
+            time.sleep(0.001)
+        daemon.kill()
+        daemon.wait()
+        renamer.wait(timeout=30)
+    with ovlfuse_mount(_args(layers), str(mnt)):
+        names = set(os.listdir(mnt))
+        moved = 0
+        for i in range(count):
+            assert (f"f{i}" in names) != (f"g{i}" in names), f"file {i} is under {'both' if f'f{i}' in names else 'no'} names"
+            name = f"g{i}" if f"g{i}" in names else f"f{i}"
+            moved += name.startswith("g")
+            assert (mnt / name).read_bytes() == b"%d\n" % i * 100
+        assert os.listdir(layers["work"] / "work") == []
+    assert count // 3 <= moved < count, "the kill did not land in the middle of the renames"
