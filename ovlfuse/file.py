@@ -15,6 +15,7 @@ import os
 import pyfuse3
 import trio
 
+from ovlfuse.layers import Layer
 from ovlfuse.namei import Entry
 from ovlfuse.safeio import open_beneath
 
@@ -24,10 +25,15 @@ _PASSED_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIM
 
 
 class OpenFiles:
-    """fh (a real file descriptor) -> the entry it was opened for."""
+    """fh (a real file descriptor) -> the entry it was opened for, and the layer it was opened in.
+
+    A file opened before its copy-up follows the copy (as on the kernel's
+    overlay): the first read after the copy-up reopens it in the upper layer,
+    under the same fh.
+    """
 
     def __init__(self) -> None:
-        self._files: dict[int, Entry] = {}
+        self._files: dict[int, tuple[Entry, Layer]] = {}
         self._nowait = True
 
     def open(self, entry: Entry, flags: int, direct_io: bool = False) -> pyfuse3.FileInfo:
@@ -38,12 +44,12 @@ class OpenFiles:
         return self.adopt(fd, entry, direct_io)
 
     def adopt(self, fd: int, entry: Entry, direct_io: bool = False) -> pyfuse3.FileInfo:
-        self._files[fd] = entry
+        self._files[fd] = (entry, entry.layer)
         return pyfuse3.FileInfo(fh=fd, keep_cache=not direct_io, direct_io=direct_io)
 
     def entry(self, fh: int) -> Entry:
         try:
-            return self._files[fh]
+            return self._files[fh][0]
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
@@ -55,7 +61,18 @@ class OpenFiles:
         self.entry(fh)
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
 
+    def _follow_copy_up(self, fh: int) -> None:
+        entry, layer = self._files[fh]
+        if entry.layer is not layer:
+            fd = open_beneath(entry.layer.fd, entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.dup2(fd, fh)
+            finally:
+                os.close(fd)
+            self._files[fh] = (entry, entry.layer)
+
     async def read(self, fh: int, offset: int, size: int) -> bytes:
+        self._follow_copy_up(fh)
         if not self._nowait:
             return await trio.to_thread.run_sync(os.pread, fh, size, offset)
         buf = bytearray(size)

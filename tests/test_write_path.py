@@ -223,7 +223,20 @@ def changes(observed: str, action: Op) -> Op:
     return named(f"changes of {observed} by {action.__name__}", op)
 
 
+def read_across_copy_up(rel: str) -> Op:
+    """A file opened before its copy-up reads the copy afterwards."""
+    def op(root: str) -> tuple[bytes, bytes]:
+        with open(p(root, rel), "rb", buffering=0) as reader:
+            first = reader.read(4)
+            with open(p(root, rel), "r+b") as writer:
+                writer.write(b"NEW!")
+            reader.seek(0)
+            return first, reader.read()
+    return named(f"read across copy-up {rel}", op)
+
+
 SEQUENCE: list[Op] = [
+    read_across_copy_up("a/b/c/from-image-top"), read_across_copy_up("names/emoji-🙂"),
     # what the kernel's caches must not hide: attributes changed by copy-up and by other names
     changes("names", fs("chmod", os.chmod, "names/sp ace", 0o600)),
     changes("names/sp ace", fs("chmod", os.chmod, "names/sp ace", 0o640)),
@@ -433,8 +446,18 @@ POOL = [
 ]
 
 
+def same_lower_hard_link(root: str, a: str, b: str) -> bool:
+    """Two names of one object (upper hard links included: a rename between them is a no-op anyway)."""
+    try:
+        sa, sb = os.lstat(p(root, a)), os.lstat(p(root, b))
+    except OSError:
+        return False
+    return a != b and sa.st_ino == sb.st_ino and not stat.S_ISDIR(sa.st_mode)
+
+
 def _machine():
     from hypothesis import strategies as st
+    from hypothesis import assume
     from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
     paths = st.sampled_from(POOL)
@@ -501,6 +524,9 @@ def _machine():
 
         @rule(src=paths, dst=paths)
         def rename(self, src, dst):
+            # Known difference: ovlfuse gives the names of a lower hard link one inode (the number
+            # the kernel reports too), so the VFS turns a rename between them into a no-op.
+            assume(not same_lower_hard_link(self.pair.kmnt, src, dst))
             self.run(fs("rename", os.rename, (src, dst)))
 
         @rule(src=paths, dst=paths)
