@@ -120,6 +120,7 @@ def _mount(argv: list[str]) -> int:
         debug=ns.debug,
         allow_other=opts.allow_other,
         read_only=opts.read_only or ns.read_only,
+        userxattr=opts.userxattr,
         vfs_flags=opts.vfs_flags,
         pid_file=os.path.abspath(ns.pid_file) if ns.pid_file else None,
         log_file=os.path.abspath(ns.log_file) if ns.log_file else None,

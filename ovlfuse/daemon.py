@@ -34,6 +34,7 @@ class ServeOptions:
     debug: bool = False
     allow_other: bool = False
     read_only: bool = False
+    userxattr: bool = False  # write user.overlay.* markers, as the kernel's -o userxattr reads them
     vfs_flags: list[str] = field(default_factory=list)
     pid_file: str | None = None
     log_file: str | None = None
@@ -144,6 +145,7 @@ def serve(plan: MountPlan, mountpoint: str, opts: ServeOptions) -> int:
         plan = dataclasses.replace(plan, lowers=plan.lowers[:-1])  # lets tests prove verify can fail
     _raise_fd_limit()
     stack = LayerStack.open(plan.upper, plan.workdir, plan.lowers)
+    stack.userxattr = stack.userxattr or opts.userxattr
     engine = MergeEngine(stack)
     if opts.foreground:
         return _run(engine, plan, mountpoint, opts, ready_fd=None)
