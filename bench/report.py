@@ -222,8 +222,10 @@ gives `.venv`), with `fuse-overlayfs` installed:
 
 Options: `--fs kernel,fuse-overlayfs,ovlfuse` (a subset), `--runs N` (default
 5), `--only WORKLOAD,...`, `--out DIR` (default `docs/bench`; this page is
-rewritten only for the default), `--tmpdir DIR`.  matplotlib is installed into
-the venv on first use; without it the tables are still written.
+rewritten only for the default), `--tmpdir DIR`, `--from-json FILE` (redraw
+this page and the plots from a results.json, measuring nothing).  matplotlib
+is installed into the venv on first use; without it the tables are still
+written.
 
 Every workload mounts each filesystem fresh, for every run: the kernel's
 overlay with `mount -t overlay`, fuse-overlayfs (`/usr/bin/fuse-overlayfs -f`)
@@ -232,11 +234,10 @@ each with its default options.  ovlfuse means to raise its own mount's
 `read_ahead_kb` to 1024 when it starts; the read-ahead each FUSE mount really
 had is recorded under "This run" (runs from before this was recorded lack it).
 The filesystems take turns run by run, so drift on the machine spreads over
-all three.  "Cold"
-means `sync; echo 3 > /proc/sys/vm/drop_caches` right before the measurement
-on a fresh mount: page cache, dentries and inodes are gone, for the overlay and
-for the disk filesystem under it.  "Warm" is the same thing again right
-after.  Nothing is fsync'ed.
+all three.  "Cold" means `sync; echo 3 > /proc/sys/vm/drop_caches` right
+before the measurement on a fresh mount: page cache, dentries and inodes are
+gone, for the overlay and for the disk filesystem under it.  "Warm" is the
+same thing again right after.  Nothing is fsync'ed.
 
 ## How to read the tables
 
