@@ -107,8 +107,8 @@ def kernel_view(store: Store, mnt: str) -> Iterator[None]:
         yield
 
 
-def make_pair(tmp_path, mounts_in: str | None = None) -> tuple[Store, Store, str, str]:
-    source = rich_store(str(tmp_path / "source"), link_length=6)
+def make_pair(tmp_path, mounts_in: str | None = None, extra_layers: int = 0) -> tuple[Store, Store, str, str]:
+    source = rich_store(str(tmp_path / "source"), extra_layers=extra_layers, link_length=6)
     kernel = kernel_twin(source, str(tmp_path / "kernel"))
     ours = kernel_twin(source, str(tmp_path / "ours"))
     kmnt, omnt = (os.path.join(mounts_in or str(tmp_path), name) for name in ("kmnt", "omnt"))
@@ -118,8 +118,8 @@ def make_pair(tmp_path, mounts_in: str | None = None) -> tuple[Store, Store, str
 
 
 @contextlib.contextmanager
-def mounted_pair(tmp_path, mounts_in: str | None = None, *options: str) -> Iterator[Pair]:
-    kernel, ours, kmnt, omnt = make_pair(tmp_path, mounts_in)
+def mounted_pair(tmp_path, mounts_in: str | None = None, *options: str, extra_layers: int = 0) -> Iterator[Pair]:
+    kernel, ours, kmnt, omnt = make_pair(tmp_path, mounts_in, extra_layers)
     started = time.time_ns()
     with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt, *options), omnt):
         yield Pair(kernel, ours, kmnt, omnt, started)
@@ -336,8 +336,9 @@ SEQUENCE: list[Op] = [
 ]
 
 
-def test_sequence_matches_kernel(tmp_path):
-    with mounted_pair(tmp_path) as pair:
+@pytest.mark.parametrize("layers", [4, 128])
+def test_sequence_matches_kernel(tmp_path, layers):
+    with mounted_pair(tmp_path, extra_layers=layers - 4) as pair:
         assert "\n".join(pair.apply(SEQUENCE)) == ""
         assert "\n".join(pair.tree_differences()) == ""
     assert "\n".join(pair.upper_differences()) == ""
@@ -576,6 +577,6 @@ def test_generated_sequences_match_kernel():
 
     machine = _machine()
     examples = int(os.environ.get("OVLFUSE_HYPOTHESIS_EXAMPLES", "25"))
-    machine.TestCase.settings = settings(max_examples=examples, stateful_step_count=40, deadline=None,
+    machine.TestCase.settings = settings(max_examples=examples, stateful_step_count=40, deadline=None, database=None,
                                          suppress_health_check=list(HealthCheck))
     machine.TestCase().runTest()
