@@ -105,7 +105,7 @@ def _raise_read_ahead(mountpoint: str) -> None:
         pass
 
 
-async def _serve_until_unmounted() -> None:
+async def _serve_until_unmounted(mountpoint: str, ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
@@ -116,8 +116,25 @@ async def _serve_until_unmounted() -> None:
                     return
 
         nursery.start_soon(stop_on_signal)
+        nursery.start_soon(_once_answering, mountpoint, ready_fd)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _once_answering(mountpoint: str, ready_fd: int | None) -> None:
+    """Finish setting up once the kernel has sent a request, which it does only after INIT.
+
+    Read-ahead set earlier is undone by INIT; and the parent may report the
+    mount ready only now, since a stat through it is answered.
+    """
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    if os.geteuid() == 0:
+        _raise_read_ahead(mountpoint)
+    if ready_fd is not None:
+        os.chdir("/")
+        _detach_stdio()
+        os.write(ready_fd, b"ok")
+        os.close(ready_fd)
 
 
 def _detach_stdio() -> None:
@@ -182,19 +199,12 @@ def _run(engine: MergeEngine, plan: MountPlan, mountpoint: str, opts: ServeOptio
             raise OvlError(message) from None
         os.write(ready_fd, message.encode())
         return 1
-    if os.geteuid() == 0:
-        _raise_read_ahead(mountpoint)
     if opts.pid_file:
         with open(opts.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")
-    if ready_fd is not None:
-        os.chdir("/")
-        _detach_stdio()
-        os.write(ready_fd, b"ok")
-        os.close(ready_fd)
     _configure_logging(opts)
     try:
-        trio.run(_serve_until_unmounted)
+        trio.run(_serve_until_unmounted, mountpoint, ready_fd)
     finally:
         pyfuse3.close(unmount=mountpoint in mount_points())
         engine.close()
