@@ -17,6 +17,7 @@ import os
 import pathlib
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -235,7 +236,28 @@ def read_across_copy_up(rel: str) -> Op:
     return named(f"read across copy-up {rel}", op)
 
 
+def touch(rel: str, *args: str) -> Op:
+    """touch(1): ``-a``/``-m`` leave the other time as it is (UTIME_OMIT)."""
+    def op(root: str) -> None:
+        subprocess.run(["touch", "-h", *args, p(root, rel)], check=True, capture_output=True)
+    return named(f"touch {' '.join(args)} {rel}", op)
+
+
+def times_of(rel: str, started_ns: int) -> Op:
+    """(atime, mtime), with times from this run shown as "now"."""
+    def op(root: str) -> tuple[object, object]:
+        st = os.lstat(p(root, rel))
+        return tuple("now" if t >= started_ns else t for t in (st.st_atime_ns, st.st_mtime_ns))
+    return named(f"times {rel}", op)
+
+
+SEQUENCE_STARTED = time.time_ns()
 SEQUENCE: list[Op] = [
+    touch("a/b/c/d/e/deep", "-m", "-d", "@5"), times_of("a/b/c/d/e/deep", SEQUENCE_STARTED),
+    touch("a/b/c/d/e/deep", "-a", "-d", "@7"), times_of("a/b/c/d/e/deep", SEQUENCE_STARTED),
+    touch("a/b/c/d/e/deep", "-m"), times_of("a/b/c/d/e/deep", SEQUENCE_STARTED),
+    touch("a/up-link", "-d", "@9"), times_of("a/up-link", SEQUENCE_STARTED),
+    touch("only-low/inner", "-a", "-d", "@11"), times_of("only-low/inner", SEQUENCE_STARTED),
     read_across_copy_up("a/b/c/from-image-top"), read_across_copy_up("names/emoji-🙂"),
     # what the kernel's caches must not hide: attributes changed by copy-up and by other names
     changes("names", fs("chmod", os.chmod, "names/sp ace", 0o600)),
