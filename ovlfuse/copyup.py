@@ -37,7 +37,7 @@ class Workdir:
         base = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             try:
-                os.mkdir("work", 0o000, dir_fd=base)
+                os.mkdir("work", 0o700, dir_fd=base)  # the kernel's mode 0 would lock out an unprivileged daemon
             except FileExistsError:
                 pass
             self.fd = open_beneath(base, b"work", os.O_RDONLY | os.O_DIRECTORY)
