@@ -31,7 +31,7 @@ from ovlfuse.markers import (
     opaque_value,
     set_opaque,
 )
-from ovlfuse.namei import Entry, Namei, child_path
+from ovlfuse.namei import NAME_MAX, Entry, Namei, child_path
 from ovlfuse.safeio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -81,7 +81,8 @@ class DirOps:
             try:
                 st = _lstat(fd, name)
                 if st is None:
-                    if _lstat(fd, WH_PREFIX + name) is not None:
+                    marker = WH_PREFIX + name  # cannot exist for a name within 4 bytes of NAME_MAX
+                    if len(marker) <= NAME_MAX and _lstat(fd, marker) is not None:
                         return False
                     continue
                 if is_device_whiteout(st):

@@ -372,6 +372,46 @@ def test_sequence_matches_kernel(tmp_path, layers):
     assert pair.results["read a/hard3"] == ("ok", b"hard\n")
 
 
+def shell(command: str) -> Op:
+    """A shell command run in the mount root; the result is its status and output."""
+    def op(root: str) -> tuple[int, str]:
+        done = subprocess.run(["sh", "-c", command], cwd=root, capture_output=True, text=True)
+        return done.returncode, done.stdout + done.stderr.replace(root, "ROOT")
+    return named(f"sh: {command}", op)
+
+
+WORKLOAD = [
+    shell("tar -xf {tar}"), shell("find . -path ./proc -prune -o -print | sort | md5sum"),
+    shell("sed -i s/deep/DEEP/ a/b/c/d/e/deep && cat a/b/c/d/e/deep"),
+    shell("cp -a big big.copy && cmp big big.copy"),
+    shell("mv only-low moved-low && ls -R moved-low"),
+    shell("mv opq-dev opq-dev-moved && ls opq-dev-moved"),
+    shell("rm -rf a && ls"),
+    shell("mkdir -p a/b/c && echo new > a/b/c/file && ls -R a"),
+    shell("rm -rf stdlib/json && cp -a stdlib/email stdlib/json && ls stdlib"),
+    shell("ln -s ../names stdlib/names && ln stdlib/email/__init__.py email-init && ls -l email-init | cut -c1-11"),
+    shell("chmod -R go-w stdlib && chown -R 12:34 stdlib/email && find stdlib -perm -g+w | wc -l"),
+    shell("touch -d @1000000000 stdlib/email/*.py && find stdlib -newer big | wc -l"),
+    shell("rm -rf names wdir oci-wdir opq-oci && ls"),
+    shell("for i in 1 2 3; do mv comeback c$i && mv c$i comeback; done; cat comeback"),
+    shell("python3 -c 'import os; os.rename(\"hard1\", \"a/hard1\")' && cat a/hard1"),
+]
+
+
+def test_shell_workload_matches_kernel(tmp_path):
+    """Everyday tools (tar, sed -i, cp -a, mv across EXDEV, rm -rf) leave the same trees and upper dirs."""
+    tar = str(tmp_path / "stdlib.tar")
+    lib = os.path.dirname(os.__file__)
+    subprocess.run(["tar", "-cf", tar, "--transform", "s,^,stdlib/,", "-C", lib, "json", "email"], check=True)
+    with mounted_pair(tmp_path) as pair:
+        ops = [shell(op.__name__.removeprefix("sh: ").format(tar=tar)) for op in WORKLOAD]
+        assert "\n".join(pair.apply(ops)) == ""
+        assert "\n".join(pair.tree_differences()) == ""
+    assert "\n".join(pair.upper_differences()) == ""
+    failed = {name: out for name, (_, (status, out)) in pair.results.items() if status != 0}
+    assert failed == {}
+
+
 USER = 4321
 # security.capability v2: CAP_NET_BIND_SERVICE permitted and effective
 CAPABILITY = (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
