@@ -84,13 +84,21 @@ def copy_metadata(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_f
     os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
 
 
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy ``size`` bytes, sharing extents where the filesystem can and skipping holes."""
+def copy_data(src: int, dst: int, size: int, sync: bool = False) -> None:
+    """Copy ``size`` bytes, sharing extents where the filesystem can and skipping holes.
+
+    ``sync``: make the data durable before the copy is renamed into place, as
+    the kernel's copy-up does, so not even a power cut exposes a partial copy.
+    """
     try:
         fcntl.ioctl(dst, _FICLONE, src)
-        return
     except OSError:
-        pass
+        _copy_extents(src, dst, size)
+    if sync:
+        os.fsync(dst)
+
+
+def _copy_extents(src: int, dst: int, size: int) -> None:
     offset = 0
     while offset < size:
         try:
@@ -204,9 +212,10 @@ class CopyUp:
                     try:
                         size = os.fstat(src).st_size
                         if size > THREAD_COPY_BYTES:
-                            await trio.to_thread.run_sync(copy_data, src, dst, size)
-                        else:
+                            await trio.to_thread.run_sync(copy_data, src, dst, size, True)
+                        elif size:  # a small copy inline, its fsync (milliseconds) on a worker thread
                             copy_data(src, dst, size)
+                            await trio.to_thread.run_sync(os.fsync, dst)
                     finally:
                         os.close(dst)
                 finally:

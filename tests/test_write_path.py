@@ -27,7 +27,7 @@ import pytest
 
 from mounts import kernel_mount, ovlfuse_mount
 from ovlfuse.safeio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from stores import Store, kernel_twin, rich_store
+from stores import LONG_NAME, Store, kernel_twin, rich_store
 from treesnap import Record, Snapshot, differences, snapshot
 
 Op = Callable[[str], object]
@@ -506,6 +506,7 @@ POOL = [
     "only-upper/x", "only-upper/x/y", "container-new", "container-link", "xw", "xw/keep", "wdir", "comeback",
     "stray", "stray/plain", "dir-becomes-file", "file-becomes-dir", "file-becomes-dir/inside",
     "n1", "n2", "a/n3", "a/b/c/n4", "only-low/inner/n5", "wdir/n6", "xw/n7", "opq-upper/n8",
+    "names", f"names/{LONG_NAME}", "names/日本語のファイル", "N" * 255, "a/" + "M" * 252,
 ]
 
 
