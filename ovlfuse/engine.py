@@ -28,6 +28,7 @@ import trio
 from ovlfuse import inode
 from ovlfuse.copyup import CopyUp, Workdir
 from ovlfuse.dirops import DirOps
+from ovlfuse.errors import OvlError
 from ovlfuse.file import WRITE_FLAGS, OpenFiles
 from ovlfuse.inode import NodeTable, entry_attributes, negative_entry
 from ovlfuse.layers import LayerStack
@@ -76,7 +77,12 @@ class MergeEngine:
         self.copyup: CopyUp | None = None
         self.dirops: DirOps | None = None
         if stack.upper is not None and stack.workdir is not None:
-            self.work = Workdir(stack.workdir)
+            try:
+                self.work = Workdir(stack.workdir)
+            except OSError as e:
+                stack.close()
+                raise OvlError(f"cannot use workdir {stack.workdir}: {e.strerror}; "
+                               "it must be a writable directory on the upper dir's filesystem") from None
             self.copyup = CopyUp(stack, self.namei, self.work)
             self.dirops = DirOps(stack, self.namei, self.copyup, self.work)
 

@@ -11,6 +11,7 @@ import pyfuse3
 import pytest
 
 from ovlfuse.engine import MergeEngine
+from ovlfuse.errors import OvlError
 from ovlfuse.layers import LayerStack
 from stores import device_whiteout, fingerprint, write
 
@@ -140,3 +141,10 @@ def test_ordinary_user_writes_an_upper_dir_the_kernel_reads_with_userxattr(tmp_p
             with open(f"{kmnt}/keep") as f:
                 assert f.read() == "k\nmore\n"
             assert stat.S_IMODE(os.stat(f"{kmnt}/keep").st_mode) == 0o600
+
+
+def test_unusable_workdir_is_a_clear_error(layers):
+    lower, upper, work = layers
+    os.rmdir(work)
+    with pytest.raises(OvlError, match="cannot use workdir"):
+        MergeEngine(LayerStack.open(upper, work, [lower]))
