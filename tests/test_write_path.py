@@ -643,3 +643,22 @@ def test_generated_sequences_match_kernel():
     machine.TestCase.settings = settings(max_examples=examples, stateful_step_count=40, deadline=None, database=None,
                                          suppress_health_check=list(HealthCheck))
     machine.TestCase().runTest()
+
+
+def test_concurrent_writers_match_kernel(tmp_path):
+    """Four writers at once (parents copied up under them concurrently) and a reader walking meanwhile."""
+    tar = str(tmp_path / "stdlib.tar")
+    lib = os.path.dirname(os.__file__)
+    subprocess.run(["tar", "-cf", tar, "-C", lib, "json", "email", "xml"], check=True)
+    workers = [
+        f"mkdir w0 && tar -xf {tar} -C w0 && mv w0/email w0/e && chmod 600 names/* && echo 0 >> a/b/c/from-image-top",
+        f"mkdir w1 && tar -xf {tar} -C w1 && rm -rf w1/json && chmod 700 a/b/c/d/e/deep a/b/new-in-middle",
+        f"mkdir w2 && tar -xf {tar} -C w2 && echo x >> only-low/inner/f && rm -rf opq-dev && touch a/b/c/d/new",
+        f"mkdir w3 && tar -xf {tar} -C w3 && sed -i s/p/P/ stray/plain && mv big big2 && ln a/hard3 a/b/c/hl",
+    ]
+    script = " & ".join(f"( {w} )" for w in workers) + " & (for i in 1 2 3 4 5; do find . >/dev/null; done) & wait"
+    with mounted_pair(tmp_path) as pair:
+        assert pair.apply([shell(script)]) == []
+        assert pair.results[f"sh: {script}"] == ("ok", (0, ""))
+        assert "\n".join(pair.tree_differences()) == ""
+    assert "\n".join(pair.upper_differences()) == ""
