@@ -28,7 +28,7 @@ import pytest
 from mounts import kernel_mount, ovlfuse_mount
 from ovlfuse.safeio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from stores import LONG_NAME, Store, kernel_twin, rich_store
-from treesnap import Record, Snapshot, differences, snapshot
+from treesnap import Snapshot, differences, snapshot
 
 Op = Callable[[str], object]
 AT_FDCWD = -100
