@@ -639,7 +639,7 @@ def test_generated_sequences_match_kernel():
     from hypothesis import HealthCheck, settings
 
     machine = _machine()
-    examples = int(os.environ.get("OVLFUSE_HYPOTHESIS_EXAMPLES", "25"))
+    examples = int(os.environ.get("OVLFUSE_HYPOTHESIS_EXAMPLES", "75"))
     machine.TestCase.settings = settings(max_examples=examples, stateful_step_count=40, deadline=None, database=None,
                                          suppress_health_check=list(HealthCheck))
     machine.TestCase().runTest()
