@@ -35,9 +35,13 @@ class OrdinaryUser:
 
     def run(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
         """``python -m ovlfuse ARGS`` as this user."""
+        return self.python_run("-m", "ovlfuse", *args, env=env, timeout=timeout)
+
+    def python_run(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        """``python ARGS`` as this user, with ovlfuse and its dependencies importable."""
         command = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
                    "env", f"PYTHONPATH={self.pythonpath}", f"HOME={self.home}",
-                   *(f"{k}={v}" for k, v in (env or {}).items()), self.python, "-m", "ovlfuse", *args]
+                   *(f"{k}={v}" for k, v in (env or {}).items()), self.python, *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.home)
 
     def own(self, path: str) -> None:
