@@ -336,6 +336,9 @@ SEQUENCE: list[Op] = [
     fs("mkfifo", os.mkfifo, "fifo2"), stat_of("fifo2"),
     fs("mknod 0:0", os.mknod, "zero", stat.S_IFCHR | 0o600, 0),
     fs("mknod 1:3", os.mknod, "null2", stat.S_IFCHR | 0o644, os.makedev(1, 3)), stat_of("null2"),
+    fs("mknod sock", os.mknod, "sock", stat.S_IFSOCK | 0o640), stat_of("sock"),
+    fs("mknod 7:1", os.mknod, "a/blk", stat.S_IFBLK | 0o600, os.makedev(7, 1)), stat_of("a/blk"),
+    fs("chmod", os.chmod, "loopdev", 0o640), fs("chown", os.chown, "null", 1, 2), stat_of("null"),
     # hard links: a write through one name shows through the other
     write_file("container-link", b"via link"), read("container-link"),
     fs("link", os.link, ("container-link", "container-link2")),
