@@ -120,12 +120,16 @@ class DirOps:
         return True
 
     # --- new names ------------------------------------------------------------
-    def place(self, parent: Entry, name: bytes, build: Callable[[int, bytes], None], is_dir: bool) -> Entry:
-        """Create ``name`` with ``build(dirfd, name)`` in the upper part of ``parent``."""
+    def check_new(self, parent: Entry, name: bytes) -> None:
+        """Refuse a new name before anything is written (a failed call changes nothing)."""
         if name.startswith(WH_PREFIX):
             raise _fail(errno.EINVAL)  # would read back as a marker, not as this name
         if self.namei.lookup(parent, name) is not None:
             raise _fail(errno.EEXIST)
+
+    def place(self, parent: Entry, name: bytes, build: Callable[[int, bytes], None], is_dir: bool) -> Entry:
+        """Create ``name`` with ``build(dirfd, name)`` in the upper part of ``parent``."""
+        self.check_new(parent, name)
         upper_parent = self.copyup.upper_dir(parent)
         try:
             old = _lstat(upper_parent, name)
@@ -153,6 +157,7 @@ class DirOps:
 
     async def link(self, entry: Entry, parent: Entry, name: bytes) -> Entry:
         """A new name for ``entry``'s object, copying the object up first."""
+        self.check_new(parent, name)
         await self.copyup.copy_up(entry)
         source_parent = open_beneath(self.upper.fd, entry.parent_path(), os.O_PATH | os.O_DIRECTORY)
         try:

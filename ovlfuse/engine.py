@@ -315,6 +315,7 @@ class MergeEngine:
             entry = self._canonical(ino)
             parent = self._directory_now(parent_ino)
             with _errno():
+                ops.check_new(parent, name)
                 await self._copy_up(entry)
                 return self._new(await ops.link(entry, parent, name))
 

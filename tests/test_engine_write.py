@@ -76,6 +76,8 @@ async def test_failed_calls_change_nothing(layers):
         (engine.mkdir(d, b"f", 0o755, CTX), errno.EEXIST),
         (engine.removexattr(d, b"user.none"), errno.ENODATA),
         (engine.setxattr(d, b"user.overlay.opaque", b"y"), errno.EPERM),
+        (engine.link(engine.lookup(ROOT, b"plain").st_ino, d, b"f"), errno.EEXIST),
+        (engine.link(engine.lookup(ROOT, b"plain").st_ino, d, b".wh.f"), errno.EINVAL),
     ]
     try:
         for call, code in calls:
