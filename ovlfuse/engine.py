@@ -137,8 +137,7 @@ class MergeEngine:
 
     # --- readdir -----------------------------------------------------------
     def opendir(self, ino: int) -> int:
-        directory = self._directory(ino)
-        return self.dirs.open(directory, self.namei.parent(directory), self.namei.index(directory))
+        return self.dirs.open(self._directory(ino))
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Entry, int, bool]]:
         """(name, entry, next offset, counts) from ``start``.
@@ -146,6 +145,10 @@ class MergeEngine:
         ``counts``: the kernel takes a reference to the entry when it is sent
         (readdirplus), so call ``nodes.remember`` for it; "." and ".." are not counted.
         """
+        if start == 0 or not self.dirs.has_snapshot(fh):  # a first read, or after rewinddir()
+            directory = self.dirs.directory(fh)
+            self.dirs.snapshot(fh, [(b".", directory), (b"..", self.namei.parent(directory)),
+                                    *self.namei.index(directory).items()])
         for offset, (name, entry) in enumerate(self.dirs.entries(fh, start), start + 1):
             yield name, entry, offset, name not in (b".", b"..")
 

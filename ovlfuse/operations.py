@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import functools
+import inspect
 import logging
 
 import pyfuse3
@@ -138,3 +141,45 @@ class OverlayOperations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         log.debug("removexattr %d %r", inode, name)
         await self.engine.removexattr(inode, name)
+
+
+def _guarded(handler):
+    """Turn any failure of one request into an errno for that caller; the daemon serves on.
+
+    pyfuse3 ends the whole session on an exception that is not a FUSEError,
+    so an unexpected OSError (a path past PATH_MAX, an I/O error in a layer)
+    must never escape a handler.
+    """
+
+    @functools.wraps(handler)
+    async def guarded(self, *args):
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            log.debug("%s: %s", handler.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+def _never_fails(handler):
+    """forget has no reply: a failure is logged, never raised."""
+
+    @functools.wraps(handler)
+    async def quiet(self, *args):
+        try:
+            await handler(self, *args)
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+
+    return quiet
+
+
+for _name, _handler in list(vars(OverlayOperations).items()):
+    if inspect.iscoroutinefunction(_handler):
+        setattr(OverlayOperations, _name, (_never_fails if _name == "forget" else _guarded)(_handler))

@@ -31,12 +31,25 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 
+# A path handed to the kernel must stay under PATH_MAX (4096); longer ones are
+# walked in pieces, each confined below the directory the previous one opened.
+_PIECE = 3072
+
+
 def open_beneath(dirfd: int, relpath: bytes, flags: int, mode: int = 0) -> int:
     """Open ``relpath`` (``b""`` for the directory itself) strictly below ``dirfd``.
 
     Raises OSError; ELOOP or EXDEV mean the path tried to cross a symlink or
     leave the layer.
     """
+    if len(relpath) > _PIECE:
+        cut = relpath.rfind(b"/", 0, _PIECE)
+        if cut > 0:
+            head = open_beneath(dirfd, relpath[:cut], os.O_PATH | os.O_DIRECTORY)
+            try:
+                return open_beneath(head, relpath[cut + 1:], flags, mode)
+            finally:
+                os.close(head)
     how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE)
     fd = _syscall(
         ctypes.c_long(_SYS_openat2),
