@@ -596,6 +596,11 @@ def _machine():
             assume(not same_lower_hard_link(self.pair.kmnt, src, dst))
             self.run(fs("rename", os.rename, (src, dst)))
 
+        @rule(src=paths, dst=paths, flags=st.sampled_from([RENAME_EXCHANGE, RENAME_NOREPLACE]))
+        def rename_flags(self, src, dst, flags):
+            assume(not same_lower_hard_link(self.pair.kmnt, src, dst))
+            self.run(rename2(src, dst, flags))
+
         @rule(src=paths, dst=paths)
         def link(self, src, dst):
             self.run(fs("link", os.link, (src, dst), follow_symlinks=False))
