@@ -35,6 +35,7 @@ from ovlfuse.layers import LayerStack
 from ovlfuse.markers import stored_xattr
 from ovlfuse.namei import Entry, Namei
 from ovlfuse.readdir import DirHandles
+from ovlfuse.safeio import open_beneath
 
 
 class KernelCaches:
@@ -178,6 +179,19 @@ class MergeEngine:
     async def fsync(self, fh: int, datasync: bool) -> None:
         with _errno():
             await self.files.fsync(fh, datasync)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """Make the names created or removed in a directory durable (its upper part, if any)."""
+        listed = self.dirs.directory(fh)
+        directory = self.namei.resolve(listed.path) or listed  # it may have been copied up since
+        if not directory.layer.is_upper:
+            return
+        with _errno():
+            fd = open_beneath(directory.layer.fd, directory.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+            finally:
+                os.close(fd)
 
     def release(self, fh: int) -> None:
         self.files.release(fh)

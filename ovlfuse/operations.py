@@ -92,7 +92,8 @@ class OverlayOperations(pyfuse3.Operations):
         await self.engine.fsync(fh, datasync)
 
     async def fsyncdir(self, fh, datasync):
-        pass
+        log.debug("fsyncdir %d", fh)
+        await self.engine.fsyncdir(fh, datasync)
 
     async def write(self, fh, off, buf):
         log.debug("write %d at %d size %d", fh, off, len(buf))

@@ -357,6 +357,8 @@ SEQUENCE: list[Op] = [
     rename2("sgid-dir/sub", "wdir/x", RENAME_EXCHANGE), listing("wdir/x"), listing("sgid-dir/sub"),
     rename2("fifo2", "no-such", RENAME_EXCHANGE),
     rename2("hard5", "comeback", RENAME_NOREPLACE), rename2("hard5", "hard6", RENAME_NOREPLACE),
+    named("fsync dirs", lambda root: [os.fsync(fd) or os.close(fd) for fd in
+                                     (os.open(p(root, d), os.O_RDONLY | os.O_DIRECTORY) for d in ("", "a", "sticky"))]),
     listing(""), listing("a"),
 ]
 
