@@ -113,7 +113,7 @@ class MergeEngine:
     # --- attributes --------------------------------------------------------
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
         entry = self._entry(ino)
-        inode.refresh(entry)
+        inode.refresh(entry, self.files.fd_for(entry))
         return entry_attributes(entry)
 
     def readlink(self, ino: int) -> bytes:

@@ -47,6 +47,13 @@ class OpenFiles:
         self._files[fd] = (entry, entry.layer)
         return pyfuse3.FileInfo(fh=fd, keep_cache=not direct_io, direct_io=direct_io)
 
+    def fd_for(self, entry: Entry) -> int | None:
+        """An open descriptor of ``entry``'s object, if any: it outlives the object's names."""
+        for fh, (opened, layer) in self._files.items():
+            if opened is entry and layer is entry.layer:
+                return fh
+        return None
+
     def entry(self, fh: int) -> Entry:
         try:
             return self._files[fh][0]

@@ -162,9 +162,16 @@ def _target(entry: Entry, parent_fd: int) -> tuple[bytes, bool]:
     return fd_path(dirfd, name), name is None
 
 
-def refresh(entry: Entry) -> None:
-    """Re-read an upper object's attributes: writes, links and renames change them behind the entry."""
+def refresh(entry: Entry, open_fd: int | None = None) -> None:
+    """Re-read an upper object's attributes: writes, links and renames change them behind the entry.
+
+    An open descriptor of the object is asked first: it still reaches the
+    object once its last name is gone (nlink 0, data still there).
+    """
     if not entry.layer.is_upper:
+        return
+    if open_fd is not None:
+        entry.st = os.fstat(open_fd)
         return
     try:
         fd = open_beneath(entry.layer.fd, entry.path, os.O_PATH | os.O_NOFOLLOW)

@@ -76,6 +76,24 @@ def test_paths_longer_than_path_max(tmp_path):
     _on_both(tmp_path, scenario)
 
 
+def test_unlinked_open_file_keeps_working(tmp_path):
+    def scenario(mnt):
+        out = []
+        for name in ("old", "fresh"):
+            path = mnt / "dir" / name
+            if name == "fresh":
+                path.write_text("new file\n")
+            fd = os.open(path, os.O_RDWR)
+            os.unlink(path)
+            out.append(os.fstat(fd).st_nlink)
+            os.pwrite(fd, b"written after unlink\n", 0)
+            out.append(os.pread(fd, 100, 0))
+            out.append(os.path.exists(path))
+            os.close(fd)
+        return out
+    _on_both(tmp_path, scenario)
+
+
 def test_rename_over_an_open_file(tmp_path):
     def scenario(mnt):
         target = mnt / "dir" / "old"
