@@ -74,7 +74,7 @@ def _fill(path, size: int) -> bytes:
 
 def test_killed_during_copy_up_leaves_nothing_partial(layers):
     """kill -9 mid-copy: the name keeps its old data, and the half copy is removed at the next mount."""
-    size = 512 << 20
+    size = GiB  # the issue's size: long enough to be caught mid-copy
     chunk = _fill(layers["lower"] / "huge", size)
     (layers["lower"] / "small").write_bytes(b"small\n")
     work = layers["work"] / "work"
