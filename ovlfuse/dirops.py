@@ -136,17 +136,11 @@ class DirOps:
             if old is None:
                 build(upper_parent, name)
             else:  # a whiteout: replace it with a copy built aside
-                tmp = self.work.tmpname()
-                try:
-                    build(self.work.fd, tmp)
+                def build_marked(dirfd: int, new: bytes) -> None:
+                    build(dirfd, new)
                     if is_dir:
-                        set_opaque(self.work.fd, tmp, self.stack.userxattr)
-                        renameat2(self.work.fd, tmp, upper_parent, name, RENAME_EXCHANGE)
-                    else:
-                        os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=upper_parent)
-                finally:
-                    if _lstat(self.work.fd, tmp) is not None:
-                        self.work.remove(tmp)
+                        set_opaque(dirfd, new, self.stack.userxattr)
+                self._swap_in(build_marked, upper_parent, name, exchange=is_dir)
             st = os.stat(name, dir_fd=upper_parent, follow_symlinks=False)
         finally:
             os.close(upper_parent)
@@ -171,11 +165,14 @@ class DirOps:
         return new_entry
 
     # --- removals ---------------------------------------------------------------
-    def _whiteout_over(self, upper_parent: int, name: bytes, exchange: bool) -> None:
-        """Put a whiteout at ``name``: renamed over a file, exchanged with a directory, or new."""
+    def _swap_in(self, build: Callable[[int, bytes], None], upper_parent: int, name: bytes, exchange: bool) -> None:
+        """Build an object in work/ and move it to ``name``: exchanged with what is there, or renamed over it.
+
+        Nothing is left in work/ either way: not a half-built object, nor what an exchange moved out.
+        """
         tmp = self.work.tmpname()
-        make_whiteout(self.work.fd, tmp)
         try:
+            build(self.work.fd, tmp)
             if exchange:
                 renameat2(self.work.fd, tmp, upper_parent, name, RENAME_EXCHANGE)
             else:
@@ -183,6 +180,10 @@ class DirOps:
         finally:
             if _lstat(self.work.fd, tmp) is not None:
                 self.work.remove(tmp)
+
+    def _whiteout_over(self, upper_parent: int, name: bytes, exchange: bool) -> None:
+        """Put a whiteout at ``name``: renamed over a file, exchanged with a directory, or new."""
+        self._swap_in(make_whiteout, upper_parent, name, exchange)
 
     def unlink(self, parent: Entry, name: bytes) -> Entry:
         entry = self.existing(parent, name)
