@@ -93,18 +93,6 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _raise_read_ahead(mountpoint: str) -> None:
-    """Ask for 1 MiB reads (root only): about twice the throughput of the default."""
-    device = mount_points().get(mountpoint)
-    if device is None:
-        return
-    try:
-        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
-            f.write("1024")
-    except OSError:
-        pass
-
-
 async def _serve_until_unmounted(mountpoint: str, ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
 
@@ -122,14 +110,13 @@ async def _serve_until_unmounted(mountpoint: str, ready_fd: int | None) -> None:
 
 
 async def _once_answering(mountpoint: str, ready_fd: int | None) -> None:
-    """Finish setting up once the kernel has sent a request, which it does only after INIT.
+    """Report the mount ready once a stat through it is answered (the kernel sends requests only after INIT).
 
-    Read-ahead set earlier is undone by INIT; and the parent may report the
-    mount ready only now, since a stat through it is answered.
+    The mount keeps the kernel's 128 KiB read-ahead: measured with dd on a cold
+    1 GiB file, 1 MiB read-ahead made ovlfuse's reads slower (0.5-1.0 GB/s
+    against 1.5-2.2 GB/s), as each larger request waits longer on its worker thread.
     """
     await trio.to_thread.run_sync(os.stat, mountpoint)
-    if os.geteuid() == 0:
-        _raise_read_ahead(mountpoint)
     if ready_fd is not None:
         os.chdir("/")
         _detach_stdio()

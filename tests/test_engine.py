@@ -5,15 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import re
-import signal
 import subprocess
-import time
 
 import pyfuse3
 import pytest
 
-from mounts import OVLFUSE, ovlfuse_mount
-from ovlfuse.daemon import mount_points
+from mounts import ovlfuse_mount
 from ovlfuse import namei, safeio
 from ovlfuse.engine import MergeEngine
 from ovlfuse.layers import LayerStack
@@ -185,25 +182,3 @@ def test_statfs_reports_the_upper_filesystem(tmp_path):
         ours, real = os.statvfs(mnt), os.statvfs(store.top.diff)
     assert ours.f_namemax == real.f_namemax == 255
     assert ours.f_blocks == real.f_blocks and ours.f_bsize == real.f_bsize
-
-
-def test_read_ahead_is_raised_after_init(tmp_path):
-    """INIT resets the mount's read-ahead; the daemon raises it to 1 MiB once the mount answers."""
-    store = rich_store(str(tmp_path / "store"))
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    result = subprocess.run([*OVLFUSE, "--pid-file", str(tmp_path / "pid"), "--root", store.root, store.top.id,
-                             str(mnt)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    pid = int((tmp_path / "pid").read_text())
-    try:
-        device = mount_points()[str(mnt)]
-        assert open(f"/sys/class/bdi/{device}/read_ahead_kb").read().strip() == "1024"
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-        for _ in range(200):
-            if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
-                break
-            time.sleep(0.05)
-        else:
-            os.kill(pid, signal.SIGKILL)
