@@ -29,39 +29,34 @@ def _args(layers) -> list[str]:
             str(layers["mnt"])]
 
 
-def test_sparse_gigabyte_copies_up_fast_and_stays_sparse(layers):
+def test_sparse_gigabyte_copies_up_and_stays_sparse(layers):
+    """Only the data is copied: the copy allocates a few blocks, not 1 GiB (bench/ reports the time)."""
     path = layers["lower"] / "sparse"
     with open(path, "wb") as f:
         f.truncate(GiB)
         f.seek(GiB // 2)
         f.write(b"x")
     with ovlfuse_mount(_args(layers), str(layers["mnt"])):
-        started = time.monotonic()
         with open(layers["mnt"] / "sparse", "r+b") as f:
             f.write(b"y")
-        took = time.monotonic() - started
         with open(layers["mnt"] / "sparse", "rb") as f:
             f.seek(GiB // 2)
             assert f.read(1) == b"x"
     upper = os.stat(layers["upper"] / "sparse")
     assert upper.st_size == GiB
     assert upper.st_blocks * 512 <= 1 << 20, f"the copy allocated {upper.st_blocks * 512} bytes"
-    assert took < 1.0, f"copy-up of a sparse 1 GiB file took {took:.2f} s"
 
 
 def test_deleting_a_big_lower_file_copies_nothing(layers):
     with open(layers["lower"] / "big", "wb") as f:
         f.truncate(GiB)
     with ovlfuse_mount(_args(layers), str(layers["mnt"])):
-        started = time.monotonic()
         os.unlink(layers["mnt"] / "big")
-        took = time.monotonic() - started
         assert not os.path.exists(layers["mnt"] / "big")
     st = os.lstat(layers["upper"] / "big")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0  # just a whiteout
     assert os.listdir(layers["upper"]) == ["big"]
     assert os.listdir(layers["work"] / "work") == []
-    assert took < 0.2
 
 
 def _fill(path, size: int) -> bytes:
@@ -87,9 +82,9 @@ def test_killed_during_copy_up_leaves_nothing_partial(layers):
             assert time.monotonic() < deadline and writer.poll() is None, "the copy-up was not caught running"
             time.sleep(0.001)
         # the copy runs on a worker thread: other requests are still served meanwhile
-        started = time.monotonic()
         assert (mnt / "small").read_bytes() == b"small\n"
-        served_in = time.monotonic() - started
+        copying = [os.stat(work / n).st_size for n in os.listdir(work)]
+        assert copying and max(copying) < size, "the read waited for the copy-up to finish"
         daemon.kill()
         daemon.wait()
         writer.wait(timeout=30)
@@ -103,7 +98,6 @@ def test_killed_during_copy_up_leaves_nothing_partial(layers):
             assert f.read(len(chunk)) == chunk
             f.seek(size - len(chunk))
             assert f.read() == chunk
-    assert served_in < 0.5, f"a read waited {served_in:.2f} s for a copy-up"
 
 
 def test_random_io_matches_a_model(layers):
