@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ovlfuse import origin
 from ovlfuse.layers import Layer, LayerStack
@@ -47,7 +47,6 @@ class Entry:
     st: os.stat_result  # lstat of that object
     ino: int = 0  # inode number reported to the kernel
     dirs: tuple[Layer, ...] = ()  # for directories: every layer whose part is merged in
-    _dir_inos: list[int] = field(default_factory=list)  # real inode of each part (during the build)
 
     @property
     def merged(self) -> bool:
@@ -75,6 +74,7 @@ class _Build:
         self.entries: dict[bytes, Entry] = {}
         self.hidden: set[bytes] = set()  # whited out above: lower objects of this name are ignored
         self.closed: set[bytes] = set()  # directory chains that no longer merge
+        self.second_part_ino: dict[bytes, int] = {}  # real inode of a merged dir's second part
 
     def add_layer(self, layer: Layer) -> bool:
         """Merge one layer's part of the directory; return False if it is opaque (stop)."""
@@ -111,8 +111,9 @@ class _Build:
                 if known is not None:
                     if name not in closed:
                         if is_dir:
+                            if len(known.dirs) == 1:
+                                self.second_part_ino[name] = de.inode()
                             known.dirs += (layer,)
-                            known._dir_inos.append(de.inode())
                         else:  # a whiteout or non-directory below a directory ends its chain
                             closed.add(name)
                     continue
@@ -127,7 +128,7 @@ class _Build:
                         entry.ino = (self.stack.copied_inos.get(st.st_ino)
                                      or origin.lower_ino(self.stack, fd, name, st) or 0)
                 else:
-                    entries[name] = Entry(child_path(self.path, name), layer, st, dirs=(layer,), _dir_inos=[de.inode()])
+                    entries[name] = Entry(child_path(self.path, name), layer, st, dirs=(layer,))
         for name in whiteouts:
             if name in entries:
                 closed.add(name)
@@ -148,7 +149,6 @@ class _Build:
                 for entry in group:
                     if _is_opaque_dir(fd, entry.name):
                         entry.dirs = entry.dirs[:1]
-                        del entry._dir_inos[1:]
             finally:
                 os.close(fd)
         for entry in self.entries.values():
@@ -156,11 +156,10 @@ class _Build:
                 continue  # settled by its origin
             real = entry.st.st_ino
             if entry.merged and entry.layer.is_upper:
-                real = entry._dir_inos[1]  # topmost lower part, as the kernel reports
+                real = self.second_part_ino[entry.name]  # topmost lower part, as the kernel reports
                 entry.ino = self.stack.ino(entry.dirs[1], real)
             else:
                 entry.ino = self.stack.ino(entry.layer, real)
-            entry._dir_inos = []
         return self.entries
 
 
