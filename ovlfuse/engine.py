@@ -65,6 +65,14 @@ def _errno() -> Iterator[None]:
         raise pyfuse3.FUSEError(e.errno) from None
 
 
+def _stored_name(name: bytes) -> str:
+    """The name an xattr set through the mount is stored under in the upper layer (EPERM: none)."""
+    attr = stored_xattr(os.fsdecode(name))
+    if attr is None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+    return attr
+
+
 class MergeEngine:
     def __init__(self, stack: LayerStack) -> None:
         self.stack = stack
@@ -411,9 +419,7 @@ class MergeEngine:
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         self._ops()
-        attr = stored_xattr(os.fsdecode(name))
-        if attr is None:
-            raise pyfuse3.FUSEError(errno.EPERM)
+        attr = _stored_name(name)
         async with self._lock:
             entry = self._canonical(ino)
             with _errno():
@@ -422,9 +428,7 @@ class MergeEngine:
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         self._ops()
-        attr = stored_xattr(os.fsdecode(name))
-        if attr is None:
-            raise pyfuse3.FUSEError(errno.EPERM)
+        attr = _stored_name(name)
         async with self._lock:
             entry = self._canonical(ino)
             inode.getxattr(entry, os.fsdecode(name))  # ENODATA before any copy-up
