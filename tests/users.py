@@ -9,6 +9,7 @@ ovlfuse source, run with the system's python3 of the same version.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 import ovlfuse
 
 USER = "ovlfuse-test"
+# Held while the user exists and /dev/fuse is opened up, so that two test runs on
+# one machine neither delete the user under each other nor restore the mode early.
+LOCK = "/run/ovlfuse-test-user.lock"
 
 
 @dataclass
@@ -58,6 +62,14 @@ def _system_python() -> str:
 
 @contextlib.contextmanager
 def ordinary_user() -> Iterator[OrdinaryUser]:
+    with open(LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with _ordinary_user() as user:
+            yield user
+
+
+@contextlib.contextmanager
+def _ordinary_user() -> Iterator[OrdinaryUser]:
     created = False
     try:
         pwd.getpwnam(USER)
