@@ -92,6 +92,8 @@ def copy_data(src: int, dst: int, size: int, sync: bool = False) -> None:
     """
     try:
         fcntl.ioctl(dst, _FICLONE, src)
+        if os.fstat(dst).st_size != size:  # a copy-up for a truncate wants only the head
+            os.ftruncate(dst, size)
     except OSError:
         _copy_extents(src, dst, size)
     if sync:
@@ -107,7 +109,7 @@ def _copy_extents(src: int, dst: int, size: int) -> None:
             if e.errno == errno.ENXIO:
                 break  # only a hole is left
             raise
-        hole = os.lseek(src, data, os.SEEK_HOLE)
+        hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
         pos = data
         while pos < hole:
             n = os.copy_file_range(src, dst, hole - pos, pos, pos)
@@ -171,11 +173,13 @@ class CopyUp:
         directory.dirs = (self.upper,) + directory.dirs
         directory.st = os.stat(directory.name, dir_fd=upper_parent, follow_symlinks=False)
 
-    async def copy_up(self, entry: Entry) -> None:
+    async def copy_up(self, entry: Entry, size: int | None = None) -> None:
         """Give ``entry`` an upper copy and point it there.
 
         ``entry.ino`` stays, except for a lower hard link: like the kernel
         without ``index``, the copy is a separate object with its own number.
+        ``size``: the copy is about to be truncated to this size, so no data
+        past it is copied (an O_TRUNC open of a big lower file copies nothing).
         """
         if entry.layer.is_upper:
             return
@@ -188,7 +192,7 @@ class CopyUp:
         self.touched.append(parent)
         lower_links = entry.st.st_nlink
         try:
-            await self._copy_object(entry, upper_parent)
+            await self._copy_object(entry, upper_parent, size)
             entry.st = os.stat(entry.name, dir_fd=upper_parent, follow_symlinks=False)
         finally:
             os.close(upper_parent)
@@ -198,7 +202,7 @@ class CopyUp:
         else:
             self.stack.copied_inos[entry.st.st_ino] = entry.ino
 
-    async def _copy_object(self, entry: Entry, upper_parent: int) -> None:
+    async def _copy_object(self, entry: Entry, upper_parent: int, limit: int | None) -> None:
         st = entry.st
         name = entry.name
         src_parent = open_beneath(entry.layer.fd, entry.parent_path(), os.O_PATH | os.O_DIRECTORY)
@@ -211,6 +215,8 @@ class CopyUp:
                     dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
                     try:
                         size = os.fstat(src).st_size
+                        if limit is not None:
+                            size = min(size, limit)
                         if size > THREAD_COPY_BYTES:
                             await trio.to_thread.run_sync(copy_data, src, dst, size, True)
                         elif size:  # a small copy inline, its fsync (milliseconds) on a worker thread

@@ -174,7 +174,7 @@ class MergeEngine:
                 return self.files.open(entry, flags)
             async with self._lock:
                 entry = self._canonical(ino)
-                replaced = await self._copy_up(entry)
+                replaced = await self._copy_up(entry, 0 if flags & os.O_TRUNC else None)
                 return self.files.open(entry, flags, direct_io=replaced)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -237,14 +237,14 @@ class MergeEngine:
             self.kernel.attributes(directory.ino)
         self.copyup.touched.clear()
 
-    async def _copy_up(self, entry: Entry) -> bool:
-        """Copy ``entry`` up; True when that gave it a new node (a lower hard link broke)."""
+    async def _copy_up(self, entry: Entry, size: int | None = None) -> bool:
+        """Copy ``entry`` up (data up to ``size`` only, if given); True when that gave it a new node."""
         assert self.copyup is not None
         if entry.layer.is_upper:
             return False
         before = dataclasses.replace(entry)
         try:
-            await self.copyup.copy_up(entry)
+            await self.copyup.copy_up(entry, size)
         finally:
             self._settle()
         if entry.ino == before.ino:
@@ -413,7 +413,7 @@ class MergeEngine:
         async with self._lock:
             entry = self.files.entry(fh) if fh is not None else self._canonical(ino)
             with _errno():
-                await self._copy_up(entry)
+                await self._copy_up(entry, attr.st_size if fields.update_size else None)
                 inode.set_attributes(entry, attr, fields)
             return entry_attributes(entry)
 

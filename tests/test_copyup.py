@@ -59,6 +59,35 @@ def test_deleting_a_big_lower_file_copies_nothing(layers):
     assert os.listdir(layers["work"] / "work") == []
 
 
+def _bytes_read(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.parametrize("how", ["O_TRUNC", "truncate"])
+def test_truncating_a_big_lower_file_copies_only_what_is_kept(layers, how):
+    """A copy-up for a truncate copies the head that stays, not the whole file."""
+    size = 64 << 20
+    data = random.Random(7).randbytes(size)
+    (layers["lower"] / "big").write_bytes(data)
+    with ovlfuse_mount(_args(layers), str(layers["mnt"])) as daemon:
+        before = _bytes_read(daemon.pid)
+        if how == "O_TRUNC":
+            fd = os.open(layers["mnt"] / "big", os.O_WRONLY | os.O_TRUNC)
+            os.write(fd, b"new")
+            os.close(fd)
+            expected = b"new"
+        else:
+            os.truncate(layers["mnt"] / "big", 1000)
+            expected = data[:1000]
+        read = _bytes_read(daemon.pid) - before  # FUSE requests themselves count a little
+        assert (layers["mnt"] / "big").read_bytes() == expected
+    assert read < 1 << 20, f"the copy-up read {read} bytes of a {size}-byte file to keep {len(expected)}"
+    assert (layers["upper"] / "big").read_bytes() == expected
+    assert (layers["lower"] / "big").read_bytes() == data
+    assert os.listdir(layers["work"] / "work") == []
+
+
 def _fill(path, size: int) -> bytes:
     chunk = bytes(range(256)) * 4096  # 1 MiB
     with open(path, "wb") as f:
