@@ -73,13 +73,14 @@ def docker_container(docker_root: str, name: str) -> EngineLayer | None:
     except OSError:
         return None
     wanted = name.removeprefix("/")
-    found = [cid for cid in ids if cid == wanted or (len(wanted) >= 12 and cid.startswith(wanted))]
+    # Docker's order: a full id, then a name, then a unique id prefix.
+    found = [cid for cid in ids if cid == wanted]
     if not found:
-        for cid in ids:
-            config = _load(os.path.join(containers, cid, "config.v2.json")) or {}
-            if str(config.get("Name", "")).removeprefix("/") == wanted:
-                found = [cid]
-                break
+        found = [cid for cid in ids
+                 if str((_load(os.path.join(containers, cid, "config.v2.json")) or {}).get("Name", ""))
+                 .removeprefix("/") == wanted]
+    if not found and len(wanted) >= 12:
+        found = [cid for cid in ids if cid.startswith(wanted)]
     if len(found) != 1:
         return None
     layer = _read(os.path.join(docker_root, "image", "overlay2", "layerdb", "mounts", found[0], "mount-id"))
