@@ -21,7 +21,7 @@ USAGE = """\
 EPILOG = """\
 LAYER is a layer id (64 hex digits, or a unique prefix of at least 12, as
 Docker prints them) under --root, the path of a layer directory, or the name
-or id of a Docker container, a Docker image (name:tag, read-only), or a
+or id of a Docker container, a Docker image (name:tag or id, read-only), or a
 containers/storage container, image or layer.  The
 layer's diff/ is the upper dir and its 'lower' file names the lower chain;
 a layer holding a 'committed' file (or --read-only) mounts read-only.

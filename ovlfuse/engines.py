@@ -4,7 +4,8 @@ No engine daemon is asked.  Docker keeps a container's name in
 ``containers/<id>/config.v2.json`` and its layer in
 ``image/overlay2/layerdb/mounts/<id>/mount-id``; an image's layers are found
 from ``image/overlay2/repositories.json`` through the image config's diff ids,
-their chain id and ``layerdb/sha256/<chain>/cache-id``.  containers/storage
+their chain id and ``layerdb/sha256/<chain>/cache-id`` (an image id names its
+``imagedb/content/sha256/<id>`` config directly).  containers/storage
 (podman) lists containers, images and layers in ``overlay-containers/``,
 ``overlay-images/`` and ``overlay-layers/`` JSON files.
 """
@@ -89,15 +90,30 @@ def docker_container(docker_root: str, name: str) -> EngineLayer | None:
     return EngineLayer(os.path.join(docker_root, "overlay2"), layer, False, f"docker container {name}")
 
 
-def docker_image(docker_root: str, name: str) -> EngineLayer | None:
-    image_dir = os.path.join(docker_root, "image", "overlay2")
+def _docker_image_id(image_dir: str, name: str) -> str | None:
+    """Docker's order: a full id, then a name, then a unique id prefix (``sha256:`` optional)."""
+    try:
+        ids = os.listdir(os.path.join(image_dir, "imagedb", "content", "sha256"))
+    except OSError:
+        ids = []
+    bare = name.removeprefix("sha256:")
+    if bare in ids:
+        return bare
     repositories = (_load(os.path.join(image_dir, "repositories.json")) or {}).get("Repositories", {})
     names = _image_names(name)
-    image_id = next((ref_id for refs in repositories.values() for ref, ref_id in refs.items() if ref in names),
-                    None)
+    by_name = next((ref_id for refs in repositories.values() for ref, ref_id in refs.items() if ref in names), None)
+    if by_name is not None:
+        return by_name.removeprefix("sha256:")
+    by_prefix = [image_id for image_id in ids if len(bare) >= 12 and image_id.startswith(bare)]
+    return by_prefix[0] if len(by_prefix) == 1 else None
+
+
+def docker_image(docker_root: str, name: str) -> EngineLayer | None:
+    image_dir = os.path.join(docker_root, "image", "overlay2")
+    image_id = _docker_image_id(image_dir, name)
     if image_id is None:
         return None
-    config = _load(os.path.join(image_dir, "imagedb", "content", "sha256", image_id.removeprefix("sha256:")))
+    config = _load(os.path.join(image_dir, "imagedb", "content", "sha256", image_id))
     diff_ids = ((config or {}).get("rootfs") or {}).get("diff_ids") or []
     if not diff_ids:
         return None

@@ -273,6 +273,13 @@ def test_names_resolve_to_the_chain_dockerd_reports(docker, kind, name):
     assert _resolved_chain(docker, name) == docker.chain(kind, name)
 
 
+def test_an_image_by_id(docker):
+    image_id = docker("image", "inspect", "-f", "{{.Id}}", "committed:v1")  # sha256:<64 hex>
+    bare = image_id.removeprefix("sha256:")
+    for name in (image_id, bare, bare[:12], f"sha256:{bare[:12]}"):
+        assert _resolved_chain(docker, name) == docker.chain("image", "committed:v1"), name
+
+
 def test_a_name_wins_over_an_id_prefix(docker):
     """Docker's order: a full id, then a name, then a unique id prefix."""
     container_id = docker("container", "inspect", "-f", "{{.Id}}", "changer")
