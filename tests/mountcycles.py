@@ -1,0 +1,101 @@
+"""Many mount/write/unmount cycles of one layer in ONE process, which reports its own fds and memory.
+
+A leak per mount (an fd, a thread, a buffer) only shows when one process
+mounts many times, so this runs ``daemon.serve`` in the foreground again and
+again.  Each cycle a writer thread waits for the mount, copies a lower file
+up, creates, writes, reads back, removes a lower name (a whiteout) and
+unmounts with ``fusermount3 -u``, which ends ``serve``.  The upper dir is
+emptied between cycles, so every cycle does the same work.
+
+    python mountcycles.py STORE_ROOT LAYER_ID MOUNTPOINT CYCLES WARMUP
+
+prints one JSON object: fd count and VmRSS after WARMUP cycles and at the end,
+VmHWM, threads, and the number of cycles whose writes were read back intact.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+from ovlfuse.daemon import ServeOptions, mount_points, serve
+from ovlfuse.store import plan_from_store
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def status_field(field: str) -> int:
+    """A number from /proc/self/status (kB for the Vm* fields)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _write_once(mnt: str, cycle: int) -> bool:
+    """One cycle's writes through the mount; True when everything read back as written."""
+    deadline = time.monotonic() + 30
+    while mnt not in mount_points():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    data = f"cycle {cycle}\n".encode() * 100
+    try:
+        with open(os.path.join(mnt, "lower.txt"), "ab") as f:  # copy-up: the upper dir is empty
+            f.write(data)
+        with open(os.path.join(mnt, "new.txt"), "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        os.unlink(os.path.join(mnt, "gone.txt"))  # a whiteout over a lower file
+        with open(os.path.join(mnt, "new.txt"), "rb") as f:
+            new_ok = f.read() == data
+        with open(os.path.join(mnt, "lower.txt"), "rb") as f:
+            lower_ok = f.read() == b"lower\n" + data
+        return new_ok and lower_ok and not os.path.lexists(os.path.join(mnt, "gone.txt"))
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], check=True)
+
+
+def _empty(directory: str) -> None:
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+def run(root: str, layer: str, mnt: str, cycles: int, warmup: int) -> dict[str, object]:
+    plan = plan_from_store(root, layer, read_only=False)
+    assert plan.upper is not None
+    intact = 0
+    step = max(1, (cycles - warmup) // 10)
+    samples: list[dict[str, int]] = []
+    for cycle in range(1, cycles + 1):
+        _empty(plan.upper)
+        result: list[bool] = []
+        writer = threading.Thread(target=lambda: result.append(_write_once(mnt, cycle)))
+        writer.start()
+        status = serve(plan, mnt, ServeOptions(foreground=True))
+        writer.join()
+        intact += status == 0 and result == [True]
+        if cycle >= warmup and (cycle - warmup) % step == 0 or cycle == cycles:
+            gc.collect()
+            samples.append({"cycle": cycle, "fds": fd_count(), "rss_kb": status_field("VmRSS"),
+                            "threads": status_field("Threads")})
+    return {"cycles": cycles, "intact": intact, "hwm_kb": status_field("VmHWM"), "samples": samples}
+    return report
+
+
+if __name__ == "__main__":
+    root_, layer_, mnt_, cycles_, warmup_ = sys.argv[1:]
+    print(json.dumps(run(root_, layer_, os.path.realpath(mnt_), int(cycles_), int(warmup_))))
