@@ -24,6 +24,24 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _PASSED_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
 
+def _pread_full(fd: int, size: int, offset: int) -> bytes:
+    """Read until ``size`` bytes or the end of the file.
+
+    A short count before the end means the read stopped at an error (a bad
+    block in a layer); FUSE would take the short reply for the end of the
+    file, so the read goes on and the error is raised instead.
+    """
+    chunks = []
+    while size:
+        data = os.pread(fd, size, offset)
+        if not data:
+            break
+        chunks.append(data)
+        size -= len(data)
+        offset += len(data)
+    return b"".join(chunks)
+
+
 class OpenFiles:
     """fh (a real file descriptor) -> the entry it was opened for, and the layer it was opened in.
 
@@ -81,7 +99,7 @@ class OpenFiles:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         self._follow_copy_up(fh)
         if not self._nowait:
-            return await trio.to_thread.run_sync(os.pread, fh, size, offset)
+            return await trio.to_thread.run_sync(_pread_full, fh, size, offset)
         buf = bytearray(size)
         try:
             n = os.preadv(fh, [buf], offset, os.RWF_NOWAIT)
@@ -97,7 +115,7 @@ class OpenFiles:
         if n >= 0 and offset + n >= os.fstat(fh).st_size:
             return bytes(memoryview(buf)[:n])  # end of file
         done = max(n, 0)
-        rest = await trio.to_thread.run_sync(os.pread, fh, size - done, offset + done)
+        rest = await trio.to_thread.run_sync(_pread_full, fh, size - done, offset + done)
         return bytes(memoryview(buf)[:done]) + rest
 
     def release(self, fh: int) -> None:
