@@ -28,6 +28,7 @@ from ovlfuse.safeio import RENAME_NOREPLACE, fd_path, list_xattrs, open_beneath,
 # Copies bigger than this run on a worker thread (a thread hop costs ~0.3 ms).
 THREAD_COPY_BYTES = 1 << 20
 _FICLONE = 0x40049409
+_READ_COPY_BYTES = 1 << 20  # one read and write of a copy that copy_file_range cannot do
 
 
 class Workdir:
@@ -110,14 +111,27 @@ def _copy_extents(src: int, dst: int, size: int) -> None:
                 break  # only a hole is left
             raise
         hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
-        pos = data
-        while pos < hole:
-            n = os.copy_file_range(src, dst, hole - pos, pos, pos)
-            if n == 0:
-                break
-            pos += n
+        _copy_range(src, dst, data, hole)
         offset = hole
     os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, pos: int, end: int) -> None:
+    """Copy bytes ``pos``..``end`` to the same offsets.
+
+    copy_file_range does not cross filesystem types (EXDEV: a btrfs lower
+    under an ext4 upper, say); plain reads and writes do the copy then.
+    """
+    while pos < end:
+        try:
+            n = os.copy_file_range(src, dst, end - pos, pos, pos)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            n = os.pwrite(dst, os.pread(src, min(end - pos, _READ_COPY_BYTES), pos), pos)
+        if n == 0:
+            break
+        pos += n
 
 
 def _rename_keeping_times(work_fd: int, tmp: bytes, upper_parent: int, name: bytes) -> None:
