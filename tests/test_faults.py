@@ -1,0 +1,208 @@
+"""Faults and hostile layers: bad blocks in a lower layer, a full upper, kill -9 mid-change, planted symlinks.
+
+Each fault is made real: a btrfs lower whose data checksums fail (the kernel
+answers EIO), an upper dir on a small tmpfs, a daemon killed by SIGKILL, a
+layer holding symlinks that lead out of the store.  Where the kernel's
+overlay can take the same fault, it does, and the answers are compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from mounts import kernel_mount, ovlfuse_mount
+
+
+def _errno(call: Callable[[], object]) -> str:
+    try:
+        call()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _pread(path: Path, size: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _tree(root: Path) -> list[tuple[str, str]]:
+    """(relative path, file type) of everything under ``root``."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            out.append((os.path.relpath(path, root), stat.filemode(os.lstat(path).st_mode)[0]))
+    return sorted(out)
+
+
+def _overlay(kind: str, lowers: list[Path], upper: Path, work: Path, mnt: Path):
+    """A kernel or an ovlfuse mount of the same layers."""
+    if kind == "kernel":
+        return kernel_mount([str(p) for p in lowers], str(mnt), upper=str(upper), work=str(work))
+    return ovlfuse_mount(["-o", f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}", str(mnt)],
+                         str(mnt))
+
+
+def _dirs(base: Path, *names: str) -> list[Path]:
+    paths = [base / name for name in names]
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+# --- EIO from a lower layer ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _loop_mount(image: Path, mnt: Path, options: str = "rw") -> Iterator[None]:
+    """``image`` on a loop device mounted at ``mnt``; the device is detached whatever happens."""
+    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", "-o", options, dev, str(mnt)], check=True, capture_output=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True, capture_output=True)
+
+
+BLOCK = 4096
+BAD_FILES = {"bad": 256 << 10, "big-bad": 3 << 20, "dir/bad2": 2 * BLOCK}  # the second block of each rots
+GOOD_FILES = {"good": 256 << 10, "dir/ok": 5000, "small": 100}
+
+
+@contextlib.contextmanager
+def _rotten_btrfs(base: Path) -> Iterator[tuple[Path, dict[str, bytes]]]:
+    """A read-only btrfs lower in which one data block of each BAD_FILES file fails its checksum.
+
+    Reads of that block get EIO from btrfs itself; metadata (stat, readdir)
+    and every other block stay readable.
+    """
+    image, mnt = base / "btrfs.img", base / "btrfs"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", "--mixed", str(image)], check=True, capture_output=True)
+    contents = {name: os.urandom(size) for name, size in (BAD_FILES | GOOD_FILES).items()}
+    with _loop_mount(image, mnt):
+        for name, data in contents.items():
+            os.makedirs(os.path.dirname(mnt / name), exist_ok=True)
+            (mnt / name).write_bytes(data)
+    with open(image, "r+b") as f:
+        raw = f.read()
+        for name in BAD_FILES:
+            block = contents[name][BLOCK:2 * BLOCK]
+            at = raw.find(block)
+            assert at >= 0 and raw.find(block, at + 1) < 0, f"{name}'s second block is not in the image once"
+            f.seek(at + 100)
+            f.write(bytes([raw[at + 100] ^ 0xFF]))
+    with _loop_mount(image, mnt, "ro"):
+        yield mnt, contents
+
+
+def _bad_block_calls(mnt: Path, contents: dict[str, bytes]) -> list:
+    """What callers get from files with a bad block, and from their neighbours."""
+    good = [_read(mnt / name) == data for name, data in contents.items() if name in GOOD_FILES]
+    return [
+        ("read", _errno(lambda: _read(mnt / "bad"))),
+        ("read block 0", _pread(mnt / "bad", BLOCK, 0) == contents["bad"][:BLOCK]),
+        ("read block 1", _errno(lambda: _pread(mnt / "bad", BLOCK, BLOCK))),
+        ("read block 2", _pread(mnt / "bad", BLOCK, 2 * BLOCK) == contents["bad"][2 * BLOCK:3 * BLOCK]),
+        ("read big", _errno(lambda: _read(mnt / "big-bad"))),
+        ("stat", os.stat(mnt / "bad").st_size, os.stat(mnt / "big-bad").st_size),
+        ("open for write", _errno(lambda: open(mnt / "bad", "r+b").close())),
+        ("open big for write", _errno(lambda: open(mnt / "big-bad", "ab").close())),
+        ("chmod", _errno(lambda: os.chmod(mnt / "dir" / "bad2", 0o600))),
+        ("setxattr", _errno(lambda: os.setxattr(mnt / "bad", "user.x", b"1"))),
+        ("rename", _errno(lambda: os.rename(mnt / "big-bad", mnt / "moved"))),
+        ("link", _errno(lambda: os.link(mnt / "bad", mnt / "dir" / "link"))),
+        ("still", _errno(lambda: _read(mnt / "bad")), oct(os.stat(mnt / "dir" / "bad2").st_mode)),
+        ("good files", good),
+        ("listing", sorted(os.listdir(mnt)), sorted(os.listdir(mnt / "dir"))),
+        ("write elsewhere", _errno(lambda: (mnt / "dir" / "new").write_bytes(b"new\n"))),
+        ("copy-up of a good file", _errno(lambda: os.chmod(mnt / "good", 0o600))),
+        ("unlink needs no data", _errno(lambda: os.unlink(mnt / "bad"))),
+    ]
+
+
+def test_bad_block_in_a_lower_file_fails_only_the_calls_that_need_it(tmp_path):
+    """EIO for reads and copy-ups of the bad file, as on the kernel; nothing half-made is left; all else works."""
+    with _rotten_btrfs(tmp_path) as (lower, contents):
+        results, uppers = {}, {}
+        for kind in ("kernel", "ovlfuse"):
+            upper, work, mnt = _dirs(tmp_path / kind, "upper", "work", "mnt")
+            with _overlay(kind, [lower], upper, work, mnt):
+                results[kind] = _bad_block_calls(mnt, contents)
+            uppers[kind] = _tree(upper)
+            if kind == "ovlfuse":
+                assert os.listdir(work / "work") == [], "a failed copy-up left its partial copy in work/"
+    assert results["ovlfuse"] == results["kernel"]
+    assert results["ovlfuse"][0] == ("read", "EIO")
+    assert uppers["ovlfuse"] == uppers["kernel"]
+    # the failed copy-ups left nothing: only the new file, the good file's copy, and the whiteout
+    assert uppers["ovlfuse"] == [("bad", "c"), ("dir", "d"), ("dir/new", "-"), ("good", "-")]
+
+
+def test_callers_keep_being_served_while_others_hit_bad_blocks(tmp_path):
+    """Threads that keep hitting EIO run next to readers, listers and writers, who never fail."""
+    with _rotten_btrfs(tmp_path) as (lower, contents):
+        upper, work, mnt = _dirs(tmp_path, "upper", "work", "mnt")
+        with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
+            stop = threading.Event()
+            failures: list[str] = []
+            counts = {"bad": 0, "good": 0}
+
+            def hit_bad_blocks() -> None:
+                while not stop.is_set():
+                    for call in (lambda: _read(mnt / "big-bad"), lambda: open(mnt / "bad", "r+b").close()):
+                        if _errno(call) != "EIO":
+                            failures.append("a bad block did not give EIO")
+                        counts["bad"] += 1
+
+            def serve_others(n: int) -> None:
+                for i in range(150):
+                    if _read(mnt / "good") != contents["good"] or _read(mnt / "dir" / "ok") != contents["dir/ok"]:
+                        failures.append("a good file read wrong")
+                    if not {"bad2", "ok"} | {f"w{n}-{j}" for j in range(i)} <= set(os.listdir(mnt / "dir")):
+                        failures.append("a listing was wrong")
+                    (mnt / "dir" / f"w{n}-{i}").write_bytes(b"%d\n" % i)
+                    os.stat(mnt / "bad")
+                    counts["good"] += 1
+
+            bad = [threading.Thread(target=hit_bad_blocks) for _ in range(2)]
+            for t in bad:
+                t.start()
+            try:
+                good = [threading.Thread(target=serve_others, args=(n,)) for n in range(2)]
+                for t in good:
+                    t.start()
+                for t in good:
+                    t.join()
+            finally:
+                stop.set()
+                for t in bad:
+                    t.join()
+            assert failures == []
+            assert counts["bad"] > 0 and counts["good"] == 300
+            assert daemon.poll() is None, "the daemon died"
+            assert _read(mnt / "dir" / "w1-149") == b"149\n"
+        assert os.listdir(work / "work") == []
+        assert sorted(os.listdir(upper)) == ["dir"]
+
