@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import subprocess
@@ -206,3 +207,119 @@ def test_callers_keep_being_served_while_others_hit_bad_blocks(tmp_path):
         assert os.listdir(work / "work") == []
         assert sorted(os.listdir(upper)) == ["dir"]
 
+
+# --- a full upper filesystem ----------------------------------------------------------------------------
+
+MiB = 1 << 20
+UPPER_BYTES = 8 * MiB
+UPPER_INODES = 64
+
+
+def _write_all(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) -> str:
+    """Write with plain syscalls (a buffered file would lose a failed flush at close)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | flags, 0o644)
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:MiB]):]
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    finally:
+        os.close(fd)
+
+
+def _digests(root: Path, names: list[str]) -> dict[str, str]:
+    return {name: hashlib.sha256(_read(root / name)).hexdigest() for name in names}
+
+
+def _free(path: Path) -> tuple[int, int]:
+    sv = os.statvfs(path)
+    return sv.f_bfree, sv.f_ffree
+
+
+def _fill_upper(mnt: Path, upper_fs: Path, lower: Path) -> list:
+    """Run the upper out of blocks, then out of inodes; record what each caller gets."""
+    out: list = []
+    kept = ["keep/a", "keep/b", "copied"]
+    os.mkdir(mnt / "keep")
+    for name in kept[:2]:
+        out.append((f"write {name}", _write_all(mnt / name, os.urandom(512 << 10))))
+    out.append(("copy-up before", _errno(lambda: os.chmod(mnt / "copied", 0o600))))
+    before = _digests(mnt, kept)
+
+    out.append(("fill", _write_all(mnt / "fill", b"f" * (2 * UPPER_BYTES))))
+    out.append(("no block left", _free(upper_fs)[0] == 0))
+    out.append(("append", _write_all(mnt / "keep" / "a", b"x", os.O_APPEND)))
+    out.append(("create", _write_all(mnt / "empty", b"")))
+    out.append(("write to it", _write_all(mnt / "empty", b"x")))
+    os.truncate(mnt / "fill", os.stat(mnt / "fill").st_size - 2 * MiB)  # 2 MiB free, the lower file is 3
+    free = _free(upper_fs)
+    out.append(("copy-up by open", _errno(lambda: open(mnt / "big", "r+b").close())))
+    out.append(("copy-up by chmod", _errno(lambda: os.chmod(mnt / "big", 0o600))))
+    out.append(("copy-up freed what it took", _free(upper_fs) == free))
+    out.append(("copy-up left", sorted(os.listdir(upper_fs / "upper"))))
+    out.append(("lower unchanged", _read(lower / "big") == _read(mnt / "big"),
+                stat.filemode(os.stat(mnt / "big").st_mode)))
+
+    out.append(("whiteout", _errno(lambda: os.unlink(mnt / "names" / "n0"))))
+    os.mkdir(mnt / "many")
+    count = 0
+    while (result := _write_all(mnt / "many" / str(count), b"")) == "ok":
+        count += 1
+    out.append(("out of inodes", result, count > UPPER_INODES // 2))
+    out.append(("mkdir", _errno(lambda: os.mkdir(mnt / "dir"))))
+    out.append(("symlink", _errno(lambda: os.symlink("target", mnt / "link"))))
+    out.append(("whiteout for rename", _errno(lambda: os.rename(mnt / "names" / "n2", mnt / "names" / "m2"))))
+    out.append(("listing", sorted(os.listdir(mnt / "names")), sorted(os.listdir(mnt))))
+    out.append(("reads", _digests(mnt, kept) == before, _read(mnt / "big") == _read(lower / "big")))
+
+    os.unlink(mnt / "fill")
+    for i in range(count):
+        os.unlink(mnt / "many" / str(i))
+    out.append(("write after freeing", _write_all(mnt / "empty", b"x" * MiB)))
+    out.append(("copy-up after freeing", _errno(lambda: os.chmod(mnt / "big", 0o600))))
+    out.append(("whiteout after freeing", _errno(lambda: os.rename(mnt / "names" / "n2", mnt / "names" / "m2"))))
+    out.append(("kept", _digests(mnt, kept) == before, _read(mnt / "big") == _read(lower / "big")))
+    return out
+
+
+def test_full_upper_gives_enospc_and_the_mount_serves_on(tmp_path):
+    """Out of blocks, then out of inodes, on an 8 MiB tmpfs upper: the kernel's errnos, nothing half-made left."""
+    big = os.urandom(3 * MiB)
+    results, whiteouts, uppers = {}, {}, {}
+    for kind in ("kernel", "ovlfuse"):
+        names, upper_fs, mnt = _dirs(tmp_path / kind, "lower/names", "up", "mnt")
+        lower = names.parent
+        (lower / "big").write_bytes(big)
+        (lower / "copied").write_bytes(os.urandom(100 << 10))
+        for i in range(10):
+            (lower / "names" / f"n{i}").write_text(f"{i}\n")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={UPPER_BYTES},nr_inodes={UPPER_INODES}", "tmpfs",
+                        str(upper_fs)], check=True)
+        try:
+            upper, work = _dirs(upper_fs, "upper", "work")
+            with _overlay(kind, [lower], upper, work, mnt) as daemon:
+                results[kind] = _fill_upper(mnt, upper_fs, lower)
+                # The kernel links its whiteouts to the one it made first, so once it has made one it can
+                # still delete a lower file when the upper is out of inodes; ovlfuse makes a new whiteout
+                # each time and gets ENOSPC (a rename's whiteout is new on both: ENOSPC above).
+                count = 0
+                while _write_all(mnt / f"fill{count}", b"") == "ok":
+                    count += 1
+                whiteouts[kind] = _errno(lambda: os.unlink(mnt / "names" / "n5"))
+                if kind == "ovlfuse":
+                    assert daemon.poll() is None
+                    assert os.listdir(work / "work") == []
+            uppers[kind] = [(path, type_) for path, type_ in _tree(upper)
+                            if not path.startswith("fill") and path != "names/n5"]
+        finally:
+            subprocess.run(["umount", str(upper_fs)], check=True)
+        assert (lower / "big").read_bytes() == big
+    assert results["ovlfuse"] == results["kernel"]
+    assert ("fill", "ENOSPC") in results["ovlfuse"] and ("mkdir", "ENOSPC") in results["ovlfuse"]
+    assert uppers["ovlfuse"] == uppers["kernel"]
+    assert whiteouts == {"kernel": "ok", "ovlfuse": "ENOSPC"}
