@@ -14,11 +14,14 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mounts import kernel_mount, ovlfuse_mount
+from stores import fingerprint
 
 
 def _errno(call: Callable[[], object]) -> str:
@@ -323,3 +326,173 @@ def test_full_upper_gives_enospc_and_the_mount_serves_on(tmp_path):
     assert ("fill", "ENOSPC") in results["ovlfuse"] and ("mkdir", "ENOSPC") in results["ovlfuse"]
     assert uppers["ovlfuse"] == uppers["kernel"]
     assert whiteouts == {"kernel": "ok", "ovlfuse": "ENOSPC"}
+
+
+# --- kill -9 in the middle of changes ---------------------------------------------------------------------
+# (kill -9 during a copy-up and during renames: see test_copyup.py)
+
+def _layers(base: Path) -> tuple[Path, Path, Path, Path]:
+    lower, upper, work, mnt = _dirs(base, "lower", "upper", "work", "mnt")
+    return lower, upper, work, mnt
+
+
+def _ovlfuse_args(lower: Path, upper: Path, work: Path, mnt: Path) -> list[str]:
+    return ["-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)]
+
+
+def _kill_when(daemon: subprocess.Popen, worker: subprocess.Popen, ready: Callable[[], bool]) -> None:
+    """SIGKILL the daemon once ``ready()`` holds while ``worker`` is still running."""
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert worker.poll() is None, "the work ended before the kill"
+        assert time.monotonic() < deadline, "the work did not get going"
+        time.sleep(0.001)
+    daemon.kill()
+    daemon.wait()
+    worker.wait(timeout=60)
+
+
+def test_killed_while_removing_lower_names_leaves_each_name_whole_or_whited_out(tmp_path):
+    """kill -9 in a stream of unlinks and rmdirs of lower names: each name is there or whited out, nothing else."""
+    lower, upper, work, mnt = _layers(tmp_path)
+    names = [f"f{i}" if i % 4 else f"d{i}" for i in range(1200)]
+    for name in names:
+        if name.startswith("d"):
+            (lower / name).mkdir()
+        else:
+            (lower / name).write_text(f"{name}\n")
+    before = fingerprint(str(lower))
+    script = (f"import os\nfor name in {names!r}:\n"
+              f"    (os.rmdir if name.startswith('d') else os.unlink)(os.path.join({str(mnt)!r}, name))\n")
+    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)) as daemon:
+        remover = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+        _kill_when(daemon, remover, lambda: len(os.listdir(upper)) >= len(names) // 3)
+    whiteouts = set(os.listdir(upper))
+    for name in whiteouts:
+        st = os.lstat(upper / name)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, f"{name} in upper is not a whiteout"
+    assert len(names) // 3 <= len(whiteouts) < len(names), "the kill did not land in the middle"
+    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)):
+        assert os.listdir(work / "work") == [], "work/ is cleaned at mount"
+        seen = set(os.listdir(mnt))
+        assert seen == set(names) - whiteouts
+        for name in seen:
+            if name.startswith("d"):
+                assert os.listdir(mnt / name) == []
+            else:
+                assert (mnt / name).read_text() == f"{name}\n"
+    kernel_work = tmp_path / "kernel-work"
+    kernel_work.mkdir()
+    with kernel_mount([str(lower)], str(mnt), upper=str(upper), work=str(kernel_work)):
+        assert set(os.listdir(mnt)) == seen, "the kernel reads the upper dir the same way"
+    assert fingerprint(str(lower)) == before
+
+
+CHUNK = MiB
+
+
+def _chunk(i: int, flip: bool = False) -> bytes:
+    """Chunk ``i`` of a stream; ``flip`` gives a chunk that differs from it in every byte."""
+    data = i.to_bytes(8, "little") * (CHUNK // 8)
+    return data.translate(_FLIP) if flip else data
+
+
+_FLIP = bytes(255 - b for b in range(256))
+
+_WRITER = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from test_faults import CHUNK, _chunk
+fd = os.open({path!r}, os.O_WRONLY | os.O_CREAT, 0o644)
+for i in range({start}, {stop}):
+    os.pwrite(fd, _chunk(i, {flip}), i * CHUNK)
+    if i % 8 == 7:
+        os.fsync(fd)
+        print("synced", (i + 1) * CHUNK, flush=True)
+    print("acked", (i + 1) * CHUNK, flush=True)
+"""
+
+
+def _write_in_a_child(path: Path, stop: int, flip: bool) -> tuple[subprocess.Popen, dict[str, int], threading.Thread]:
+    """A process that writes chunks 0..stop to ``path``, fsyncing every 8; the dict follows its reports
+    (until the thread ends)."""
+    code = _WRITER.format(tests=os.path.dirname(__file__), path=str(path), start=0, stop=stop, flip=flip)
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    progress = {"acked": 0, "synced": 0}
+
+    def follow() -> None:
+        for line in writer.stdout:
+            what, count = line.split()
+            progress[what] = int(count)
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    return writer, progress, reader
+
+
+def _common_prefix(path: Path, flip: bool) -> int:
+    """How many leading bytes of ``path`` are the writer's stream."""
+    done = 0
+    with open(path, "rb") as f:
+        i = 0
+        while chunk := f.read(CHUNK):
+            expected = _chunk(i, flip)
+            if chunk != expected[:len(chunk)]:
+                return done + next(n for n, (a, b) in enumerate(zip(chunk, expected)) if a != b)
+            done += len(chunk)
+            i += 1
+    return done
+
+
+def test_killed_while_writing_a_new_file_keeps_every_acknowledged_byte(tmp_path):
+    """kill -9 mid-stream: the file is the stream up to at least what write() acknowledged, at most one write more.
+
+    A kill of the daemon loses nothing it has written: its writes are in the
+    upper filesystem (in its page cache until that flushes them).  fsync
+    through the mount is an fsync of the upper file, for a power cut.
+    """
+    lower, upper, work, mnt = _layers(tmp_path)
+    (lower / "other").write_text("other\n")
+    stop = 256
+    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)) as daemon:
+        writer, progress, reader = _write_in_a_child(mnt / "new", stop, flip=False)
+        _kill_when(daemon, writer, lambda: progress["acked"] >= 32 * CHUNK)
+        reader.join()
+    acked = progress["acked"]
+    assert progress["synced"] <= acked < stop * CHUNK, "the kill did not land in the middle"
+    assert sorted(os.listdir(upper)) == ["new"]
+    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)):
+        size = os.stat(mnt / "new").st_size
+        assert acked <= size <= acked + CHUNK
+        assert _common_prefix(mnt / "new", flip=False) == size
+        assert sorted(os.listdir(mnt)) == ["new", "other"]
+        assert os.listdir(work / "work") == []
+
+
+def test_killed_while_overwriting_a_copied_up_file_keeps_the_rest_of_the_old_data(tmp_path):
+    """kill -9 while a lower file is overwritten: new data up to at least what was acknowledged, old data after."""
+    lower, upper, work, mnt = _layers(tmp_path)
+    stop = 128
+    with open(lower / "old", "wb") as f:
+        for i in range(stop):
+            f.write(_chunk(i))
+    before = fingerprint(str(lower))
+    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)) as daemon:
+        writer, progress, reader = _write_in_a_child(mnt / "old", stop, flip=True)
+        _kill_when(daemon, writer, lambda: progress["acked"] >= 16 * CHUNK)
+        reader.join()
+    acked = progress["acked"]
+    assert acked < stop * CHUNK, "the kill did not land in the middle"
+    assert sorted(os.listdir(upper)) == ["old"]
+    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)):
+        assert os.stat(mnt / "old").st_size == stop * CHUNK
+        written = _common_prefix(mnt / "old", flip=True)
+        assert acked <= written <= acked + CHUNK
+        with open(mnt / "old", "rb") as f:
+            f.seek(written)
+            rest = f.read()
+        old = b"".join(_chunk(i) for i in range(stop))
+        assert rest == old[written:], "past the new data the old data is whole"
+        assert os.listdir(work / "work") == []
+    assert fingerprint(str(lower)) == before
