@@ -105,46 +105,6 @@ async def test_work_dir_is_cleaned_and_used_for_whiteouts(layers):
     assert os.listdir(f"{work}/work") == []
 
 
-def test_ordinary_user_writes_an_upper_dir_the_kernel_reads_with_userxattr(tmp_path):
-    """Unprivileged: char 0:0 whiteouts and user.overlay.opaque, read back by the kernel's -o userxattr."""
-    import subprocess
-
-    from mounts import kernel_mount
-    from users import ordinary_user
-
-    with ordinary_user() as user:
-        base = os.path.join(user.home, "layers")
-        lower, upper, work, mnt = (os.path.join(base, n) for n in ("lower", "upper", "work", "mnt"))
-        write(f"{lower}/d/f", "f\n")
-        write(f"{lower}/gone", "g\n")
-        write(f"{lower}/keep", "k\n")
-        for d in (upper, work, mnt):
-            os.makedirs(d)
-        user.own(base)
-        mounted = user.run("-o", f"lowerdir={lower},upperdir={upper},workdir={work}", mnt)
-        assert mounted.returncode == 0, mounted.stderr
-        try:
-            script = (f"rm {mnt}/gone && rm {mnt}/d/f && rmdir {mnt}/d && mkdir {mnt}/d && "
-                      f"echo more >> {mnt}/keep && chmod 600 {mnt}/keep && mkdir {mnt}/new")
-            done = subprocess.run(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups",
-                                   "sh", "-c", script], capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr
-        finally:
-            subprocess.run(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups",
-                            "fusermount3", "-u", mnt], capture_output=True)
-        assert _xattrs(f"{upper}/d") == {"user.overlay.opaque": b"y"}
-        assert os.stat(f"{upper}/gone").st_rdev == 0 and stat.S_ISCHR(os.stat(f"{upper}/gone").st_mode)
-        assert not any(n.startswith("trusted.") for n in _xattrs(f"{upper}/keep"))
-        kmnt = str(tmp_path / "kmnt")
-        os.mkdir(kmnt)
-        with kernel_mount([lower], kmnt, upper=upper, work=work, extra="userxattr"):
-            assert sorted(os.listdir(kmnt)) == ["d", "keep", "new"]
-            assert os.listdir(f"{kmnt}/d") == []
-            with open(f"{kmnt}/keep") as f:
-                assert f.read() == "k\nmore\n"
-            assert stat.S_IMODE(os.stat(f"{kmnt}/keep").st_mode) == 0o600
-
-
 def test_unusable_workdir_is_a_clear_error(layers):
     lower, upper, work = layers
     os.rmdir(work)
