@@ -31,6 +31,10 @@ ro, rw, allow_other, userxattr, the generic options dev, nodev, suid,
 nosuid, exec, noexec, sync, async, dirsync and the atime family, fstab-only
 options (defaults, noauto, user, nofail, _netdev, x-*), and index=off,
 redirect_dir=off, metacopy=off, xino=off|auto as Docker passes them.
+As a drop-in for fuse-overlayfs (containers/storage's mount_program) it also
+takes uidmapping=C:H:N[:C:H:N...], gidmapping=..., squash_to_root,
+squash_to_uid=N, squash_to_gid=N, static_nlink, noacl, volatile, fsync=0|1
+and xattr_permissions=0|1|2 (owners and modes kept in stat override records).
 
 Unmount with 'fusermount3 -u MOUNTPOINT', 'umount MOUNTPOINT', or by sending
 the daemon SIGTERM."""
@@ -111,6 +115,7 @@ def _plan_from_names(ns: argparse.Namespace, read_only: bool):
 
 def _mount(argv: list[str]) -> int:
     from ovlfuse.daemon import ServeOptions, serve
+    from ovlfuse.inode import View
 
     parser = _parser()
     ns = parser.parse_intermixed_args(argv)
@@ -122,6 +127,9 @@ def _mount(argv: list[str]) -> int:
         read_only=opts.read_only or ns.read_only,
         userxattr=opts.userxattr,
         vfs_flags=opts.vfs_flags,
+        view=View(opts.ids(), opts.static_nlink),
+        xattr_permissions=opts.xattr_permissions,
+        volatile=opts.volatile,
         pid_file=os.path.abspath(ns.pid_file) if ns.pid_file else None,
         log_file=os.path.abspath(ns.log_file) if ns.log_file else None,
     )

@@ -20,10 +20,12 @@ import stat
 import trio
 
 from ovlfuse import origin
+from ovlfuse.inode import set_owner, stored_attributes
 from ovlfuse.layers import LayerStack
 from ovlfuse.markers import shown_xattr
 from ovlfuse.namei import Entry, Namei
 from ovlfuse.safeio import RENAME_NOREPLACE, fd_path, list_xattrs, open_beneath, renameat2
+from ovlfuse.statoverride import Stored
 
 # Copies bigger than this run on a worker thread (a thread hop costs ~0.3 ms).
 THREAD_COPY_BYTES = 1 << 20
@@ -66,14 +68,25 @@ class Workdir:
         os.close(self.fd)
 
 
-def copy_metadata(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes) -> None:
-    """Owner, mode, xattrs and times of ``st`` onto ``dst_name`` in ``dst_fd``, in that order."""
+def copy_metadata(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes,
+                  owner: Stored | None = None, records: tuple[str | None, str | None] = (None, None)) -> None:
+    """Owner, mode, xattrs and times of ``st`` onto ``dst_name`` in ``dst_fd``, in that order.
+
+    ``owner`` is the owner and mode the copy must show (a stat override
+    record's, if the source has one); ``records`` are the stat override
+    record names of the source's layer and of the upper.  The source's record
+    is not copied; the upper's gets ``owner``, and without one the copy gets
+    ``owner`` for real.
+    """
     is_link = stat.S_ISLNK(st.st_mode)
-    os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+    upper_record = records[1]
+    owner = owner or Stored.of(st)
+    real = Stored.of(st) if upper_record else owner
+    os.chown(dst_name, real.uid, real.gid, dir_fd=dst_fd, follow_symlinks=False)
     if not is_link:
-        os.chmod(fd_path(dst_fd, dst_name), stat.S_IMODE(st.st_mode))
+        os.chmod(fd_path(dst_fd, dst_name), stat.S_IMODE(real.mode))
     for attr in list_xattrs(src_fd, src_name):
-        if shown_xattr(attr) is None:
+        if shown_xattr(attr) is None or attr in records:
             continue  # overlay bookkeeping (escaped names are user data and go along)
         try:
             value = os.getxattr(fd_path(src_fd, src_name), attr, follow_symlinks=src_name is None)
@@ -82,6 +95,8 @@ def copy_metadata(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_f
                 continue
             raise
         os.setxattr(fd_path(dst_fd, dst_name), attr, value, follow_symlinks=False)
+    if upper_record is not None:
+        set_owner(dst_fd, dst_name, upper_record, owner)
     os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
 
 
@@ -173,7 +188,8 @@ class CopyUp:
             src = open_beneath(directory.layer.fd, directory.path, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 st = os.fstat(src)
-                copy_metadata(st, src, None, self.work.fd, tmp)
+                copy_metadata(st, src, None, self.work.fd, tmp, stored_attributes(directory),
+                              (directory.layer.override, self.upper.override))
             finally:
                 os.close(src)
             origin.record(self.stack, src_parent, directory.name, self.work.fd, tmp)
@@ -244,7 +260,8 @@ class CopyUp:
                 os.symlink(os.readlink(name, dir_fd=src_parent), tmp, dir_fd=wfd)
             else:  # fifo, socket, device
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
-            copy_metadata(st, src_parent, name, wfd, tmp)
+            copy_metadata(st, src_parent, name, wfd, tmp, stored_attributes(entry),
+                          (entry.layer.override, self.upper.override))
             origin.record(self.stack, src_parent, name, wfd, tmp)
             _rename_keeping_times(wfd, tmp, upper_parent, name)
         except BaseException:

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from ovlfuse import statoverride
 from ovlfuse.engine import MergeEngine
 from ovlfuse.errors import OvlError
+from ovlfuse.inode import View
 from ovlfuse.layers import LayerStack
 from ovlfuse.operations import OverlayOperations
 from ovlfuse.store import MountPlan
@@ -36,6 +38,9 @@ class ServeOptions:
     read_only: bool = False
     userxattr: bool = False  # write user.overlay.* markers, as the kernel's -o userxattr reads them
     vfs_flags: list[str] = field(default_factory=list)
+    view: View = field(default_factory=View)  # owner mapping and static_nlink
+    xattr_permissions: int = 0  # keep owners and modes in stat override records (statoverride.WRITTEN)
+    volatile: bool = False
     pid_file: str | None = None
     log_file: str | None = None
 
@@ -150,7 +155,13 @@ def serve(plan: MountPlan, mountpoint: str, opts: ServeOptions) -> int:
     _raise_fd_limit()
     stack = LayerStack.open(plan.upper, plan.workdir, plan.lowers)
     stack.userxattr = stack.userxattr or opts.userxattr
-    engine = MergeEngine(stack)
+    if opts.xattr_permissions:
+        try:
+            stack.mark_upper(statoverride.WRITTEN[opts.xattr_permissions])
+        except OvlError:
+            stack.close()
+            raise
+    engine = MergeEngine(stack, opts.view, opts.volatile)
     if opts.foreground:
         return _run(engine, plan, mountpoint, opts, ready_fd=None)
     read_fd, write_fd = os.pipe()

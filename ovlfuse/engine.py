@@ -30,12 +30,13 @@ from ovlfuse.copyup import CopyUp, Workdir
 from ovlfuse.dirops import DirOps
 from ovlfuse.errors import OvlError
 from ovlfuse.file import WRITE_FLAGS, OpenFiles
-from ovlfuse.inode import NodeTable, entry_attributes, negative_entry
+from ovlfuse.inode import NodeTable, View, entry_attributes, negative_entry, stored_attributes
 from ovlfuse.layers import LayerStack
 from ovlfuse.markers import stored_xattr
 from ovlfuse.namei import Entry, Namei
 from ovlfuse.readdir import DirHandles
 from ovlfuse.safeio import open_beneath
+from ovlfuse.statoverride import Stored
 
 
 class KernelCaches:
@@ -74,10 +75,12 @@ def _stored_name(name: bytes) -> str:
 
 
 class MergeEngine:
-    def __init__(self, stack: LayerStack) -> None:
+    def __init__(self, stack: LayerStack, view: View | None = None, volatile: bool = False) -> None:
         self.stack = stack
+        self.view = view or View()
+        self.volatile = volatile  # fsync and fsyncdir do nothing, as with the kernel's -o volatile
         self.namei = Namei(stack)
-        self.nodes = NodeTable(self.namei.root)
+        self.nodes = NodeTable(self.namei.root, self.view)
         self.dirs = DirHandles()
         self.files = OpenFiles()
         self.kernel = KernelCaches()
@@ -122,7 +125,11 @@ class MergeEngine:
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
         entry = self._entry(ino)
         inode.refresh(entry, self.files.fd_for(entry))
-        return entry_attributes(entry)
+        return entry_attributes(entry, self.view)
+
+    def attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        """What the kernel is told about ``entry`` (no reference is counted)."""
+        return entry_attributes(entry, self.view)
 
     def readlink(self, ino: int) -> bytes:
         node = self.nodes.get(ino)
@@ -185,6 +192,8 @@ class MergeEngine:
             return self.files.write(fh, offset, data)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if self.volatile:
+            return
         with _errno():
             await self.files.fsync(fh, datasync)
 
@@ -192,7 +201,7 @@ class MergeEngine:
         """Make the names created or removed in a directory durable (its upper part, if any)."""
         listed = self.dirs.directory(fh)
         directory = self.namei.resolve(listed.path) or listed  # it may have been copied up since
-        if not directory.layer.is_upper:
+        if not directory.layer.is_upper or self.volatile:
             return
         with _errno():
             fd = open_beneath(directory.layer.fd, directory.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -257,10 +266,16 @@ class MergeEngine:
             self.kernel.entry(parent.ino, entry.name)
         return True
 
-    def _owner(self, parent: Entry, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
-        """Owner of a new object: the caller, with the group of a set-group-ID parent."""
-        gid = parent.st.st_gid if parent.st.st_mode & stat.S_ISGID else ctx.gid
-        return ctx.uid, gid
+    def _owner(self, parent: Entry, ctx: pyfuse3.RequestContext, mode: int) -> Stored:
+        """Owner and mode a new object stores: the caller's ids mapped back, the group of a set-group-ID parent."""
+        uid, gid = self.view.ids.stored(ctx.uid, ctx.gid)
+        stored_parent = stored_attributes(parent)
+        if stored_parent.mode & stat.S_ISGID:
+            gid = stored_parent.gid
+        return Stored(uid, gid, mode)
+
+    def _set_owner(self, dirfd: int, name: bytes, stored: Stored) -> None:
+        inode.set_owner(dirfd, name, self.stack.layers[0].override, stored)
 
     def _new(self, entry: Entry) -> pyfuse3.EntryAttributes:
         self._settle()
@@ -274,12 +289,10 @@ class MergeEngine:
             parent = self._directory_now(parent_ino)
 
             def build(dirfd: int, new: bytes) -> None:
-                uid, gid = self._owner(parent, ctx)
                 fd = os.open(new, (flags & os.O_ACCMODE) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                              0o600, dir_fd=dirfd)
                 opened.append(fd)
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, stat.S_IMODE(mode) & ~ctx.umask)
+                self._set_owner(dirfd, new, self._owner(parent, ctx, stat.S_IFREG | stat.S_IMODE(mode) & ~ctx.umask))
 
             try:
                 with _errno():
@@ -295,12 +308,11 @@ class MergeEngine:
         ops = self._ops()
         async with self._lock:
             parent = self._directory_now(parent_ino)
-            perms = stat.S_IMODE(mode) & ~ctx.umask | (parent.st.st_mode & stat.S_ISGID)
+            perms = stat.S_IMODE(mode) & ~ctx.umask | (stored_attributes(parent).mode & stat.S_ISGID)
 
             def build(dirfd: int, new: bytes) -> None:
                 os.mkdir(new, 0o700, dir_fd=dirfd)
-                os.chown(new, *self._owner(parent, ctx), dir_fd=dirfd, follow_symlinks=False)
-                os.chmod(new, perms, dir_fd=dirfd)
+                self._set_owner(dirfd, new, self._owner(parent, ctx, stat.S_IFDIR | perms))
 
             with _errno():
                 return self._new(ops.place(parent, name, build, is_dir=True))
@@ -315,8 +327,8 @@ class MergeEngine:
 
             def build(dirfd: int, new: bytes) -> None:
                 os.mknod(new, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dirfd)
-                os.chown(new, *self._owner(parent, ctx), dir_fd=dirfd, follow_symlinks=False)
-                os.chmod(new, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=dirfd)
+                owner = self._owner(parent, ctx, stat.S_IFMT(mode) | stat.S_IMODE(mode) & ~ctx.umask)
+                self._set_owner(dirfd, new, dataclasses.replace(owner, rdev=rdev))
 
             with _errno():
                 return self._new(ops.place(parent, name, build, is_dir=False))
@@ -329,7 +341,7 @@ class MergeEngine:
 
             def build(dirfd: int, new: bytes) -> None:
                 os.symlink(target, new, dir_fd=dirfd)
-                os.chown(new, *self._owner(parent, ctx), dir_fd=dirfd, follow_symlinks=False)
+                self._set_owner(dirfd, new, self._owner(parent, ctx, stat.S_IFLNK | 0o777))
 
             with _errno():
                 return self._new(ops.place(parent, name, build, is_dir=False))
@@ -414,12 +426,19 @@ class MergeEngine:
             entry = self.files.entry(fh) if fh is not None else self._canonical(ino)
             with _errno():
                 await self._copy_up(entry, attr.st_size if fields.update_size else None)
-                inode.set_attributes(entry, attr, fields)
-            return entry_attributes(entry)
+                inode.set_attributes(entry, attr, fields, self.view.ids)
+            return entry_attributes(entry, self.view)
+
+    def _record_name(self, name: bytes) -> str:
+        """The stored name of a changeable xattr; the upper's stat override records are bookkeeping (EPERM)."""
+        attr = _stored_name(name)
+        if attr == self.stack.layers[0].override:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return attr
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         self._ops()
-        attr = _stored_name(name)
+        attr = self._record_name(name)
         async with self._lock:
             entry = self._canonical(ino)
             with _errno():
@@ -428,7 +447,7 @@ class MergeEngine:
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         self._ops()
-        attr = _stored_name(name)
+        attr = self._record_name(name)
         async with self._lock:
             entry = self._canonical(ino)
             inode.getxattr(entry, os.fsdecode(name))  # ENODATA before any copy-up

@@ -12,22 +12,58 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 
+from ovlfuse import statoverride
+from ovlfuse.idmap import IdMap
 from ovlfuse.markers import shown_xattr, stored_xattr
 from ovlfuse.namei import Entry
 from ovlfuse.safeio import fd_path, get_xattr, list_xattrs, open_beneath
+from ovlfuse.statoverride import Stored
 
 # Layers do not change under a mount, and the write path invalidates what it
 # changes, so the kernel may keep entries and attributes for a long time.
 CACHE_TIMEOUT = 86400.0
 
 
-def entry_attributes(entry: Entry) -> pyfuse3.EntryAttributes:
+@dataclass(frozen=True)
+class View:
+    """How stored attributes are shown: the owner mapping, and fuse-overlayfs's static_nlink."""
+
+    ids: IdMap = field(default_factory=IdMap)
+    static_nlink: bool = False  # every directory reports nlink 1
+
+
+def stored_attributes(entry: Entry) -> Stored:
+    """Owner, mode and rdev as the entry's layer keeps them: its stat override record where the layer uses them.
+
+    The record is read once per (inode, ctime): setting an xattr changes the ctime.
+    """
+    st = entry.st
+    real = Stored.of(st)
+    name = entry.layer.override
+    if name is None:
+        return real
+    key = (st.st_ino, st.st_ctime_ns)
+    if entry.record is None or entry.record[0] != key:
+        try:
+            fd = _parent_fd(entry)
+        except OSError:
+            return real
+        try:
+            value = get_xattr(*_object_args(entry, fd), name)
+        finally:
+            os.close(fd)
+        entry.record = (key, statoverride.parse(value, real) if value is not None else None)
+    return entry.record[1] or real
+
+
+def entry_attributes(entry: Entry, view: View) -> pyfuse3.EntryAttributes:
     """What the kernel is told about ``entry``."""
     st = entry.st
+    stored = stored_attributes(entry)
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = entry.ino
     attr.generation = 0
@@ -38,12 +74,12 @@ def entry_attributes(entry: Entry) -> pyfuse3.EntryAttributes:
         # for writing knows which name it came through.
         attr.entry_timeout = 0
     attr.attr_timeout = CACHE_TIMEOUT
-    attr.st_mode = st.st_mode
+    attr.st_mode = stored.mode
     # The kernel's root always merges at least two layers, so it reports 1 too.
-    attr.st_nlink = 1 if entry.merged or not entry.path else st.st_nlink
-    attr.st_uid = st.st_uid
-    attr.st_gid = st.st_gid
-    attr.st_rdev = st.st_rdev
+    one = entry.merged or not entry.path or (view.static_nlink and stat.S_ISDIR(stored.mode))
+    attr.st_nlink = 1 if one else st.st_nlink
+    attr.st_uid, attr.st_gid = view.ids.shown(stored.uid, stored.gid)
+    attr.st_rdev = stored.rdev
     attr.st_size = st.st_size
     attr.st_blksize = st.st_blksize
     attr.st_blocks = st.st_blocks
@@ -71,7 +107,8 @@ class Node:
 class NodeTable:
     """FUSE node id -> Node, with the kernel's lookup counts."""
 
-    def __init__(self, root: Entry) -> None:
+    def __init__(self, root: Entry, view: View) -> None:
+        self.view = view
         self.root = Node(root, nlookup=1)
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self.root}
 
@@ -93,7 +130,7 @@ class NodeTable:
             node.entry = entry  # another name of a hard link, or a rebuilt index
         node.nlookup += 1
         refresh(entry)
-        return entry_attributes(entry)
+        return entry_attributes(entry, self.view)
 
     def find(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
@@ -123,7 +160,7 @@ def _object_args(entry: Entry, parent_fd: int) -> tuple[int, bytes | None]:
 
 def getxattr(entry: Entry, name: str) -> bytes:
     stored = stored_xattr(name)
-    if stored is None:
+    if stored is None or stored == entry.layer.override:
         raise pyfuse3.FUSEError(errno.ENODATA)
     fd = _parent_fd(entry)
     try:
@@ -141,7 +178,8 @@ def listxattr(entry: Entry) -> list[bytes]:
         names = list_xattrs(*_object_args(entry, fd))
     finally:
         os.close(fd)
-    return [os.fsencode(shown) for n in names if (shown := shown_xattr(n)) is not None]
+    return [os.fsencode(shown) for n in names
+            if n != entry.layer.override and (shown := shown_xattr(n)) is not None]
 
 
 def readlink(entry: Entry) -> bytes:
@@ -185,18 +223,54 @@ def refresh(entry: Entry, open_fd: int | None = None) -> None:
         entry.st = st
 
 
-def set_attributes(entry: Entry, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+def set_owner(dirfd: int, name: bytes | None, layer_record: str | None, stored: Stored) -> None:
+    """Give an upper object the owner and mode ``stored``: in its stat override record if its layer keeps them there.
+
+    Only files and directories can carry a ``user.`` record: a device, fifo
+    or socket is then kept as an empty file whose record gives its type (as
+    containers/storage stores them rootless), and a symlink gets its owner
+    for real.
+    """
+    path = fd_path(dirfd, name)
+    follow = name is None
+    record = statoverride.format_record(stored)
+    if layer_record is not None:
+        try:
+            os.setxattr(path, layer_record, record, follow_symlinks=follow)
+            return
+        except OSError as e:
+            if e.errno != errno.EPERM or name is None or stat.S_ISREG(stored.mode) or stat.S_ISDIR(stored.mode):
+                raise
+        if not stat.S_ISLNK(stored.mode):
+            os.unlink(name, dir_fd=dirfd)
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=dirfd))
+            os.setxattr(path, layer_record, record, follow_symlinks=False)
+            return
+    os.chown(path, stored.uid, stored.gid, follow_symlinks=follow)
+    if not stat.S_ISLNK(stored.mode):
+        os.chmod(path, stat.S_IMODE(stored.mode))  # not a symlink: following the name is harmless
+
+
+def set_attributes(entry: Entry, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, ids: IdMap) -> None:
     """Apply a setattr in the order the kernel's filesystems do: owner, mode, size, times."""
     fd = _parent_fd(entry)
     try:
         path, follow = _target(entry, fd)
-        if fields.update_uid or fields.update_gid:
-            os.chown(path, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1,
-                     follow_symlinks=follow)
-        if fields.update_mode:
-            if stat.S_ISLNK(entry.st.st_mode):
-                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-            os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_mode and stat.S_ISLNK(entry.st.st_mode):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if fields.update_uid or fields.update_gid or fields.update_mode:
+            uid, gid = ids.stored(attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
+            if entry.layer.override is not None:
+                now = stored_attributes(entry)
+                mode = stat.S_IFMT(now.mode) | stat.S_IMODE(attr.st_mode) if fields.update_mode else now.mode
+                set_owner(*_object_args(entry, fd), entry.layer.override,
+                          Stored(now.uid if uid == -1 else uid, now.gid if gid == -1 else gid, mode, now.rdev))
+            else:
+                if uid != -1 or gid != -1:
+                    os.chown(path, uid, gid, follow_symlinks=follow)
+                if fields.update_mode:
+                    os.chmod(path, stat.S_IMODE(attr.st_mode))
         if fields.update_size:
             wfd = open_beneath(entry.layer.fd, entry.path, os.O_WRONLY | os.O_NOFOLLOW)
             try:

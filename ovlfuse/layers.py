@@ -7,10 +7,13 @@ is kept only for messages.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
+from ovlfuse import statoverride
 from ovlfuse.errors import OvlError
+from ovlfuse.safeio import fd_path, get_xattr
 
 # Inode numbers of layers on different filesystems are spread over disjoint
 # ranges, as the kernel's xino does: the filesystem's index goes in the top bits.
@@ -24,6 +27,7 @@ class Layer:
     fd: int  # O_PATH directory descriptor of the layer root
     dev: int
     is_upper: bool
+    override: str | None = None  # the stat override record name this layer uses (see statoverride)
 
 
 class LayerStack:
@@ -70,12 +74,35 @@ class LayerStack:
                 except OSError as e:
                     raise OvlError(f"cannot open layer directory {path}: {e.strerror}") from None
                 st = os.fstat(fd)
-                layers.append(Layer(index, path, fd, st.st_dev, index == 0 and upper is not None))
+                layers.append(Layer(index, path, fd, st.st_dev, index == 0 and upper is not None,
+                                    statoverride.layer_marker(fd)))
         except OvlError:
             for layer in layers:
                 os.close(layer.fd)
             raise
         return cls(layers, workdir)
+
+    def mark_upper(self, name: str) -> None:
+        """Make the upper layer keep owners and modes in ``name`` records (fuse-overlayfs's xattr_permissions).
+
+        An upper that is marked already keeps its name.  The root gets the
+        record the merged root shows: the topmost layer root's record, else
+        the upper root's own attributes.
+        """
+        upper = self.upper
+        if upper is None or upper.override is not None:
+            return
+        root = statoverride.Stored.of(os.fstat(upper.fd))
+        for layer in self.layers:
+            value = get_xattr(layer.fd, None, layer.override) if layer.override else None
+            if value is not None:
+                root = statoverride.parse(value, root) or root
+                break
+        try:
+            os.setxattr(fd_path(upper.fd), name, statoverride.format_record(root))
+        except OSError as e:
+            raise OvlError(f"cannot write {name} on upper dir {upper.path}: {e.strerror}") from None
+        self.layers[0] = dataclasses.replace(upper, override=name)
 
     def close(self) -> None:
         for layer in self.layers:

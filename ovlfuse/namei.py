@@ -34,6 +34,7 @@ from ovlfuse.markers import (
     opaque_value,
 )
 from ovlfuse.safeio import open_beneath
+from ovlfuse.statoverride import Stored
 
 NAME_MAX = 255
 
@@ -47,6 +48,7 @@ class Entry:
     st: os.stat_result  # lstat of that object
     ino: int = 0  # inode number reported to the kernel
     dirs: tuple[Layer, ...] = ()  # for directories: every layer whose part is merged in
+    record: tuple[tuple[int, int], Stored | None] | None = None  # (ino, ctime) -> its stat override record
 
     @property
     def merged(self) -> bool:

@@ -10,7 +10,6 @@ import logging
 import pyfuse3
 
 from ovlfuse.engine import FuseKernelCaches, MergeEngine
-from ovlfuse.inode import entry_attributes
 
 log = logging.getLogger("ovlfuse.requests")
 
@@ -48,7 +47,7 @@ class OverlayOperations(pyfuse3.Operations):
         log.debug("readdir %d from %d", fh, start_id)
         nodes = self.engine.nodes
         for name, entry, offset, counts in self.engine.readdir(fh, start_id):
-            attr = nodes.remember(entry) if counts else entry_attributes(entry)
+            attr = nodes.remember(entry) if counts else self.engine.attributes(entry)
             if not pyfuse3.readdir_reply(token, name, attr, offset):
                 if counts:
                     nodes.forget(entry.ino, 1)  # not sent: not a reference

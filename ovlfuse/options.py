@@ -4,7 +4,10 @@ Layer options (``lowerdir``, ``upperdir``, ``workdir``) use the kernel's
 escapes (``\\:`` inside a layer path, ``\\,`` inside an option).  Generic VFS
 options are passed to the FUSE mount; overlay feature switches are accepted
 only with the values ovlfuse implements (those Docker mounts with), anything
-else is refused rather than silently ignored.
+else is refused rather than silently ignored.  fuse-overlayfs's own options
+are accepted too, as containers/storage passes them to a mount program
+(owner mapping, ``static_nlink``, ``xattr_permissions``, ``noacl``,
+``volatile``), so ovlfuse can stand in for it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ovlfuse.errors import OvlError
+from ovlfuse.idmap import IdMap, IdRange, parse_mapping
 
 # Generic options the FUSE mount itself applies (libfuse passes them to mount(2)).
 _VFS_FLAGS = {
@@ -31,6 +35,16 @@ _OVERLAY_SWITCHES = {
     "nfs_export": {"off"},
     "uuid": {"on", "off", "null", "auto"},
 }
+# fuse-overlayfs options ovlfuse does not implement, and why.
+_REFUSED = {
+    "context": "SELinux mount labels are not implemented",
+    "plugins": "fuse-overlayfs layer plugins do not exist in ovlfuse",
+    "threaded": "ovlfuse serves requests on one trio loop",
+    "fast_ino": "ovlfuse always reports the kernel's inode numbers",
+    "writeback": "ovlfuse keeps the kernel's writeback cache off",
+    "noxattrs": "xattrs are always served",
+    "timeout": "ovlfuse sets its own cache timeouts",
+}
 
 
 @dataclass
@@ -43,6 +57,21 @@ class MountOptions:
     userxattr: bool = False
     fsname: str | None = None
     vfs_flags: list[str] = field(default_factory=list)
+    uidmapping: tuple[IdRange, ...] = ()
+    gidmapping: tuple[IdRange, ...] = ()
+    squash_to_root: bool = False
+    squash_to_uid: int | None = None
+    squash_to_gid: int | None = None
+    static_nlink: bool = False
+    xattr_permissions: int = 0  # 1: security.* stat override records, 2: user.containers.* ones
+    volatile: bool = False  # fsync and fsyncdir do nothing (the kernel's volatile, fuse-overlayfs's fsync=0)
+
+    def ids(self) -> IdMap:
+        """The owner mapping the options ask for (squash_to_uid/gid win over squash_to_root)."""
+        root = 0 if self.squash_to_root else None
+        return IdMap.create(self.uidmapping, self.gidmapping,
+                            self.squash_to_uid if self.squash_to_uid is not None else root,
+                            self.squash_to_gid if self.squash_to_gid is not None else root)
 
     @property
     def has_layers(self) -> bool:
@@ -125,6 +154,29 @@ def _apply(opts: MountOptions, option: str) -> None:
         opts.vfs_flags.append(key)
     elif key in _USERSPACE_ONLY or key.startswith("x-"):
         pass
+    elif key in ("uidmapping", "gidmapping") and has_value:
+        setattr(opts, key, parse_mapping(key, value))
+    elif key in ("squash_to_uid", "squash_to_gid") and has_value:
+        if not value.isdigit():
+            raise OvlError(f"option {option!r} needs a numeric id")
+        setattr(opts, key, int(value))
+    elif key in ("squash_to_root", "static_nlink", "volatile") and not has_value:
+        setattr(opts, key, True)
+    elif key == "noacl" and not has_value:
+        pass  # ovlfuse never enables POSIX ACL checks: ACL xattrs are stored, the kernel checks modes
+    elif key == "xattr_permissions":
+        if value not in ("0", "1", "2"):
+            raise OvlError(f"option {option!r}: xattr_permissions takes 0 (off), 1 (security.* records) "
+                           "or 2 (user.* records)")
+        opts.xattr_permissions = int(value)
+    elif key == "fsync":
+        if value not in ("0", "1"):
+            raise OvlError(f"option {option!r}: fsync takes 0 (skip syncs, like volatile) or 1")
+        opts.volatile = value == "0"
+    elif key in _REFUSED:
+        raise OvlError(f"option {option!r} is not supported: {_REFUSED[key]}")
+    elif _looks_like_mapping(option):
+        raise OvlError(f"unknown mount option {option!r}; join uidmapping/gidmapping triples with ':', not ','")
     elif key in _OVERLAY_SWITCHES:
         allowed = _OVERLAY_SWITCHES[key]
         if value not in allowed:
@@ -133,3 +185,9 @@ def _apply(opts: MountOptions, option: str) -> None:
             )
     else:
         raise OvlError(f"unknown mount option {option!r}; see 'ovlfuse --help' for the accepted options")
+
+
+def _looks_like_mapping(option: str) -> bool:
+    """A stray ``1:100000:65536`` is the tail of a mapping written with commas."""
+    fields = option.split(":")
+    return len(fields) % 3 == 0 and all(f.isdigit() for f in fields)
