@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mounts import kernel_mount, ovlfuse_mount
 from stores import fingerprint
+from treesnap import differences, snapshot
 
 
 def _errno(call: Callable[[], object]) -> str:
@@ -496,3 +497,176 @@ def test_killed_while_overwriting_a_copied_up_file_keeps_the_rest_of_the_old_dat
         assert rest == old[written:], "past the new data the old data is whole"
         assert os.listdir(work / "work") == []
     assert fingerprint(str(lower)) == before
+
+
+# --- symlinks planted in layers --------------------------------------------------------------------------
+# Layers sit one level deeper than the mount point, so a relative link that climbs out of its layer to
+# <base>/protected climbs, seen from the mount, to a place that does not exist: a caller who follows it
+# through the mount gets ENOENT, and only a daemon that followed it inside the layer could reach
+# <base>/protected.
+
+def _planted(base: Path) -> tuple[list[Path], Path, Path, Path, Path]:
+    """(lowers, upper, work, mnt, protected): two lowers full of links that lead to ``protected``."""
+    protected = base / "protected"
+    (protected / "sub").mkdir(parents=True)
+    (protected / "file").write_text("protected\n")
+    (protected / "secret").write_text("secret\n")
+    (protected / "sub" / "inner").write_text("inner\n")
+    os.setxattr(protected / "file", "user.mark", b"protected")
+    top, bottom, upper, work, mnt = _dirs(base, "layers/top", "layers/bottom", "layers/upper", "layers/work", "mnt")
+    os.symlink(str(protected), top / "abs-dir")
+    os.symlink(str(protected / "file"), top / "abs-file")
+    os.symlink("../../../protected", top / "rel-dir")
+    os.symlink("../../../protected/file", top / "rel-file")
+    (top / "a").mkdir()
+    (top / "a" / "plain").write_text("plain\n")
+    os.symlink("../../../../protected", top / "a" / "rel-dir")
+    os.symlink(str(protected), top / "a" / "abs-dir")
+    # a symlink where the layer below has a directory, and a directory where the layer below has a symlink
+    os.symlink("../../../protected", top / "dirlink")
+    (bottom / "dirlink").mkdir()
+    (bottom / "dirlink" / "x").write_text("x\n")
+    (top / "realdir").mkdir()
+    (top / "realdir" / "f").write_text("f\n")
+    os.symlink("../../../protected", bottom / "realdir")
+    return [top, bottom], upper, work, mnt, protected
+
+
+def _through_planted_links(mnt: Path) -> list[tuple[str, str]]:
+    """Every kind of change through, on and next to the planted links."""
+    def wopen(path: Path, flags: int = os.O_WRONLY) -> None:
+        os.close(os.open(path, flags, 0o644))
+
+    def write(path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"new\n")
+        os.close(fd)
+
+    m = mnt
+    calls: list[tuple[str, Callable[[], object]]] = [
+        # followed by the caller: the targets do not exist as seen from the mount
+        ("open for write through", lambda: wopen(m / "rel-file")),
+        ("chmod through", lambda: os.chmod(m / "rel-file", 0o600)),
+        ("chown through", lambda: os.chown(m / "rel-dir" / "file", 1234, 1234)),
+        ("utime through", lambda: os.utime(m / "rel-dir" / "file", ns=(1, 1))),
+        ("setxattr through", lambda: os.setxattr(m / "rel-file", "user.x", b"1")),
+        ("truncate through", lambda: os.truncate(m / "a" / "rel-dir" / "file", 0)),
+        ("create through", lambda: wopen(m / "rel-dir" / "new", os.O_WRONLY | os.O_CREAT)),
+        ("mkdir through", lambda: os.mkdir(m / "rel-dir" / "newdir")),
+        ("mkdir through a link over a dir", lambda: os.mkdir(m / "dirlink" / "newdir")),
+        ("list through a link over a dir", lambda: os.listdir(m / "dirlink")),
+        ("rename through", lambda: os.rename(m / "rel-dir" / "file", m / "moved")),
+        ("unlink through", lambda: os.unlink(m / "a" / "rel-dir" / "secret")),
+        ("rmdir through", lambda: os.rmdir(m / "rel-dir" / "sub")),
+        # on the links themselves: copy-up of the link, never of what it points to
+        ("lchown", lambda: os.chown(m / "abs-file", 1234, 1234, follow_symlinks=False)),
+        ("lutimes", lambda: os.utime(m / "abs-dir", ns=(5, 5), follow_symlinks=False)),
+        ("lsetxattr", lambda: os.setxattr(m / "rel-dir", "trusted.t", b"1", follow_symlinks=False)),
+        ("lchown in a copied-up parent", lambda: os.chown(m / "a" / "abs-dir", 7, 7, follow_symlinks=False)),
+        ("link to a link", lambda: os.link(m / "abs-file", m / "hard", follow_symlinks=False)),
+        ("rename a link", lambda: os.rename(m / "rel-file", m / "a" / "moved")),
+        ("rename a link over a dir below", lambda: os.rename(m / "dirlink", m / "dl2")),
+        ("unlink a link", lambda: os.unlink(m / "abs-dir")),
+        ("rmdir a link", lambda: os.rmdir(m / "a" / "rel-dir")),
+        ("mkdir over a link", lambda: os.mkdir(m / "abs-file")),
+        ("exclusive create over a link", lambda: wopen(m / "a" / "abs-dir", os.O_WRONLY | os.O_CREAT | os.O_EXCL)),
+        ("new link next to them", lambda: os.symlink("../../../protected", m / "a" / "new-link")),
+        # next to the links
+        ("write next to", lambda: write(m / "a" / "plain")),
+        ("chown next to", lambda: os.chown(m / "a" / "plain", 99, 99)),
+        ("truncate next to", lambda: os.truncate(m / "a" / "plain", 2)),
+        # a directory whose lower part below is a link
+        ("list", lambda: sorted(os.listdir(m / "realdir"))),
+        ("stat what the link below has", lambda: os.stat(m / "realdir" / "secret")),
+        ("create in it", lambda: write(m / "realdir" / "new")),
+        ("chmod it", lambda: os.chmod(m / "realdir", 0o700)),
+        ("setxattr on it", lambda: os.setxattr(m / "realdir", "user.y", b"2")),
+        ("unlink in it", lambda: os.unlink(m / "realdir" / "f")),
+        ("mkdir in it", lambda: os.mkdir(m / "realdir" / "sub")),
+        ("rename in it", lambda: os.rename(m / "realdir" / "new", m / "realdir" / "new2")),
+        ("rmdir in it", lambda: os.rmdir(m / "realdir" / "sub")),
+        ("unlink the rest", lambda: os.unlink(m / "realdir" / "new2")),
+        ("rmdir it", lambda: os.rmdir(m / "realdir")),
+        ("mkdir it again", lambda: os.mkdir(m / "realdir")),
+        ("list it again", lambda: os.listdir(m / "realdir")),
+    ]
+    out = []
+    for name, call in calls:
+        try:
+            result = call()
+            out.append((name, "ok" if result is None else repr(result)))
+        except OSError as e:
+            out.append((name, errno.errorcode[e.errno]))
+    return out
+
+
+def test_planted_symlinks_are_never_followed_out_of_the_store(tmp_path):
+    """Copy-up, create, mkdir, rename, unlink and setattr through, on and next to planted links: the kernel's
+    results, errno for errno, and the directories they point to stay byte for byte as they were."""
+    results, views, uppers = {}, {}, {}
+    base = tmp_path / "base"  # the same path for both: absolute links read the same
+    for kind in ("kernel", "ovlfuse"):
+        lowers, upper, work, mnt, protected = _planted(base)
+        before = (fingerprint(str(protected)), snapshot(str(protected)))
+        lower_before = [fingerprint(str(lower)) for lower in lowers]
+        with _overlay(kind, lowers, upper, work, mnt):
+            results[kind] = _through_planted_links(mnt)
+            views[kind] = snapshot(str(mnt), with_times=False)
+        uppers[kind] = _tree(upper)
+        after = (fingerprint(str(protected)), snapshot(str(protected)))
+        assert after[0] == before[0] and differences(before[1], after[1]) == [], f"{kind} changed {protected}"
+        assert [fingerprint(str(lower)) for lower in lowers] == lower_before
+        base.rename(tmp_path / kind)
+    assert results["ovlfuse"] == results["kernel"]
+    assert differences(views["kernel"], views["ovlfuse"]) == []
+    assert uppers["ovlfuse"] == uppers["kernel"]
+    assert not (tmp_path / "protected").exists(), "a caller followed a link to where the test says nothing is"
+
+
+def _swap_for_link(path: Path, target: Path) -> None:
+    path.rename(path.with_name(path.name + ".moved"))
+    os.symlink(str(target), path)
+
+
+def test_directories_swapped_for_links_under_the_mount_lead_nowhere(tmp_path):
+    """A layer directory replaced by a link to outside while mounted (a hostile store): calls through it
+    fail or act on the old directory, and what the link points to stays as it was, on the kernel and ovlfuse."""
+    for kind in ("kernel", "ovlfuse"):
+        base = tmp_path / kind
+        lower, upper, work, mnt, protected = _dirs(base, "layers/lower", "layers/upper", "layers/work", "mnt",
+                                                   "protected")
+        for name in ("f", "g", "new"):
+            (protected / name).write_text(f"protected {name}\n")
+        (lower / "low").mkdir()
+        (lower / "low" / "f").write_text("lower f\n")
+        (upper / "up").mkdir()
+        (upper / "up" / "g").write_text("upper g\n")
+        before = (fingerprint(str(protected)), snapshot(str(protected)))
+        with _overlay(kind, [lower], upper, work, mnt) as daemon:
+            assert sorted(os.listdir(mnt)) == ["low", "up"] and os.listdir(mnt / "low") == ["f"]
+            assert os.listdir(mnt / "up") == ["g"]
+            _swap_for_link(lower / "low", protected)
+            _swap_for_link(upper / "up", protected)
+            calls = [
+                lambda: _read(mnt / "low" / "f"),
+                lambda: open(mnt / "low" / "f", "r+b").close(),
+                lambda: os.chmod(mnt / "low" / "f", 0o600),
+                lambda: os.setxattr(mnt / "low" / "f", "user.x", b"1"),
+                lambda: os.unlink(mnt / "low" / "f"),
+                lambda: (mnt / "low" / "new").write_text("new\n"),
+                lambda: (mnt / "up" / "g").write_text("through\n"),
+                lambda: os.chmod(mnt / "up" / "g", 0o600),
+                lambda: os.utime(mnt / "up" / "g", ns=(1, 1)),
+                lambda: os.truncate(mnt / "up" / "g", 0),
+                lambda: (mnt / "up" / "new").write_text("new\n"),
+                lambda: os.mkdir(mnt / "up" / "d"),
+                lambda: os.rename(mnt / "up" / "g", mnt / "up" / "h"),
+                lambda: os.unlink(mnt / "up" / "g"),
+                lambda: os.listdir(mnt / "up"),
+            ]
+            for call in calls:
+                _errno(call)  # the results differ: the kernel keeps using the directories it had looked up
+            if kind == "ovlfuse":
+                assert daemon.poll() is None
+        after = (fingerprint(str(protected)), snapshot(str(protected)))
+        assert after[0] == before[0] and differences(before[1], after[1]) == [], f"{kind} wrote through a link"
