@@ -670,3 +670,27 @@ def test_directories_swapped_for_links_under_the_mount_lead_nowhere(tmp_path):
                 assert daemon.poll() is None
         after = (fingerprint(str(protected)), snapshot(str(protected)))
         assert after[0] == before[0] and differences(before[1], after[1]) == [], f"{kind} wrote through a link"
+
+
+def test_links_planted_in_the_workdir_are_removed_not_followed(tmp_path):
+    """work/ is emptied at mount: links left there go, and what they point to stays, as on the kernel."""
+    for kind in ("kernel", "ovlfuse"):
+        lower, upper, work, mnt, protected = _dirs(tmp_path / kind, "lower", "upper", "work", "mnt", "protected")
+        (protected / "sub").mkdir()
+        (protected / "file").write_text("protected\n")
+        (protected / "sub" / "inner").write_text("inner\n")
+        (lower / "f").write_text("f\n")
+        planted = work / "work"
+        (planted / "dir").mkdir(parents=True)  # the kernel empties work/ two levels deep, else mounts read-only
+        os.symlink(str(protected), planted / "link")
+        os.symlink(str(protected / "file"), planted / "dir" / "file-link")
+        os.symlink("../../../protected", planted / "dir" / "rel-link")
+        os.symlink(str(protected / "sub"), planted / "dir" / "sub")
+        before = (fingerprint(str(protected)), snapshot(str(protected)))
+        with _overlay(kind, [lower], upper, work, mnt):
+            os.unlink(mnt / "f")  # a whiteout made in work/ and moved into place
+            assert os.listdir(mnt) == []
+            if kind == "ovlfuse":
+                assert os.listdir(planted) == []
+        after = (fingerprint(str(protected)), snapshot(str(protected)))
+        assert after[0] == before[0] and differences(before[1], after[1]) == [], f"{kind} followed a link in work/"
