@@ -363,7 +363,8 @@ class MergeEngine:
         node = self.nodes.find(entry.ino)
         if entry.st.st_nlink <= 1:
             self.stack.copied_inos.pop(entry.st.st_ino, None)
-        elif node is not None and node.entry is entry:
+        elif node is not None and node.entry.path == entry.path:
+            # the node's entry may be another object for this name (moved with a directory, or rebuilt)
             other = self.namei.find_ino(entry.ino, entry)
             if other is not None:
                 node.entry = other
