@@ -191,6 +191,8 @@ def docker() -> Iterator[Docker]:
         client("build", "--network=none", "-q", "-t", "built:v1", f"{tmp}/context")
         client("run", "--name", "changer", "--network=none", "built:v1", "sh", "-c", CHANGES)
         client("commit", "changer", "committed:v1")
+        client("tag", "committed:v1", "registry.example:5000/team/app:v2")
+        client("tag", "built:v1", "plain")  # :latest
         yield client
     finally:
         if len(procs) == 2 and procs[1].poll() is None:
@@ -279,7 +281,9 @@ def _resolved_chain(docker: Docker, name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind, name", [("container", "changer"), ("image", "built:v1"), ("image", "committed:v1"),
-                                        ("image", "base:v1"), ("image", "docker.io/library/built:v1")])
+                                        ("image", "base:v1"), ("image", "docker.io/library/built:v1"),
+                                        ("image", "registry.example:5000/team/app:v2"), ("image", "plain"),
+                                        ("image", "plain:latest")])
 def test_names_resolve_to_the_chain_dockerd_reports(docker, kind, name):
     assert _resolved_chain(docker, name) == docker.chain(kind, name)
 

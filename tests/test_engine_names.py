@@ -1,7 +1,7 @@
 """Containers, images and layers addressed by the names their engines give them.
 
-The engines' records are written here in their on-disk formats; tests against
-real dockerd and podman stores belong to the rootless/ecosystem work.
+The engines' records are written here in their on-disk formats; test_docker.py
+reads the ones a real dockerd writes.
 """
 
 from __future__ import annotations
