@@ -123,7 +123,7 @@ def _mount(argv: list[str]) -> int:
     serve_opts = ServeOptions(
         foreground=ns.foreground or (ns.debug and not ns.log_file),
         debug=ns.debug,
-        allow_other=opts.allow_other,
+        allow_other=opts.allow_other or (opts.shows_other_owners and os.geteuid() == 0),
         read_only=opts.read_only or ns.read_only,
         userxattr=opts.userxattr,
         vfs_flags=opts.vfs_flags,

@@ -38,9 +38,13 @@ class IdRange:
 
 
 def parse_mapping(option: str, value: str) -> tuple[IdRange, ...]:
-    """``C:H:N[:C:H:N...]`` as fuse-overlayfs reads it; overlapping ranges are refused."""
-    fields = value.split(":")
-    if not value or len(fields) % 3 or not all(f.isdigit() for f in fields):
+    """``C:H:N[:C:H:N...]`` as fuse-overlayfs reads it; overlapping ranges are refused.
+
+    Empty fields are skipped, as fuse-overlayfs's tokenizer does: containers/storage
+    (podman 4) writes ``uidmapping=:0:100000:65536``.
+    """
+    fields = [f for f in value.split(":") if f]
+    if not fields or len(fields) % 3 or not all(f.isdigit() for f in fields):
         raise OvlError(f"{option}={value!r} is not a mapping: give STORED:SHOWN:COUNT triples "
                        f"joined by ':', e.g. {option}=0:100000:65536")
     numbers = [int(f) for f in fields]

@@ -66,6 +66,12 @@ class MountOptions:
     xattr_permissions: int = 0  # 1: security.* stat override records, 2: user.containers.* ones
     volatile: bool = False  # fsync and fsyncdir do nothing (the kernel's volatile, fuse-overlayfs's fsync=0)
 
+    @property
+    def shows_other_owners(self) -> bool:
+        """Owners are mapped to other users (a user namespace's), who must reach the mount: allow_other as root."""
+        return bool(self.uidmapping or self.gidmapping) or self.squash_to_uid is not None \
+            or self.squash_to_gid is not None
+
     def ids(self) -> IdMap:
         """The owner mapping the options ask for (squash_to_uid/gid win over squash_to_root)."""
         root = 0 if self.squash_to_root else None

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -109,6 +111,29 @@ def test_owner_mapping_and_static_nlink_match_fuse_overlayfs(tmp_path, options):
     assert results[0] == results[1]
     if "static_nlink" in options:
         assert {n for _, _, n in results[1][1].values()} == {0, 1}
+
+
+def test_mapped_owners_reach_the_mount_as_root_gives_it_allow_other():
+    """containers/storage writes ``uidmapping=:C:H:N`` (podman 4); the mapped users are others than root."""
+    base = tempfile.mkdtemp(prefix="ovlfuse-map.")
+    try:
+        os.chmod(base, 0o755)
+        lower, upper, work, mnt = (os.path.join(base, n) for n in ("lower", "upper", "work", "mnt"))
+        for d in (lower, upper, work, mnt):
+            os.mkdir(d, 0o755)
+        with open(os.path.join(lower, "mine"), "w") as f:
+            f.write("for the namespace's root\n")
+        os.chmod(os.path.join(lower, "mine"), 0o600)
+        opts = f"lowerdir={lower},upperdir={upper},workdir={work},uidmapping=:0:100000:65536,gidmapping=:0:100000:65536"
+        with ovlfuse_mount(["-o", opts, mnt], mnt):
+            as_mapped_root = ["setpriv", "--reuid=100000", "--regid=100000", "--clear-groups"]
+            read = subprocess.run([*as_mapped_root, "cat", os.path.join(mnt, "mine")], capture_output=True, text=True)
+            assert read.stdout == "for the namespace's root\n", read.stderr
+            other = subprocess.run(["setpriv", "--reuid=100001", "--regid=100001", "--clear-groups",
+                                    "cat", os.path.join(mnt, "mine")], capture_output=True, text=True)
+            assert "Permission denied" in other.stderr  # the modes still count (default_permissions)
+    finally:
+        shutil.rmtree(base)
 
 
 def test_bad_and_unsupported_options_are_refused_in_one_line(tmp_path):
