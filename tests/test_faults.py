@@ -260,6 +260,8 @@ def _fill_upper(mnt: Path, upper_fs: Path, lower: Path) -> list:
     out.append(("append", _write_all(mnt / "keep" / "a", b"x", os.O_APPEND)))
     out.append(("create", _write_all(mnt / "empty", b"")))
     out.append(("write to it", _write_all(mnt / "empty", b"x")))
+    out.append(("small copy-up", _errno(lambda: os.chmod(mnt / "small", 0o600)),
+                sorted(os.listdir(upper_fs / "upper"))))
     os.truncate(mnt / "fill", os.stat(mnt / "fill").st_size - 2 * MiB)  # 2 MiB free, the lower file is 3
     free = _free(upper_fs)
     out.append(("copy-up by open", _errno(lambda: open(mnt / "big", "r+b").close())))
@@ -300,6 +302,7 @@ def test_full_upper_gives_enospc_and_the_mount_serves_on(tmp_path):
         lower = names.parent
         (lower / "big").write_bytes(big)
         (lower / "copied").write_bytes(os.urandom(100 << 10))
+        (lower / "small").write_text("small\n")
         for i in range(10):
             (lower / "names" / f"n{i}").write_text(f"{i}\n")
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={UPPER_BYTES},nr_inodes={UPPER_INODES}", "tmpfs",
