@@ -56,7 +56,8 @@ def _tree(root: Path) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-def _overlay(kind: str, lowers: list[Path], upper: Path, work: Path, mnt: Path):
+def _overlay(kind: str, lowers: list[Path], upper: Path, work: Path,
+             mnt: Path) -> contextlib.AbstractContextManager:
     """A kernel or an ovlfuse mount of the same layers."""
     if kind == "kernel":
         return kernel_mount([str(p) for p in lowers], str(mnt), upper=str(upper), work=str(work))
@@ -340,10 +341,6 @@ def _layers(base: Path) -> tuple[Path, Path, Path, Path]:
     return lower, upper, work, mnt
 
 
-def _ovlfuse_args(lower: Path, upper: Path, work: Path, mnt: Path) -> list[str]:
-    return ["-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)]
-
-
 def _kill_when(daemon: subprocess.Popen, worker: subprocess.Popen, ready: Callable[[], bool]) -> None:
     """SIGKILL the daemon once ``ready()`` holds while ``worker`` is still running."""
     deadline = time.monotonic() + 60
@@ -368,7 +365,7 @@ def test_killed_while_removing_lower_names_leaves_each_name_whole_or_whited_out(
     before = fingerprint(str(lower))
     script = (f"import os\nfor name in {names!r}:\n"
               f"    (os.rmdir if name.startswith('d') else os.unlink)(os.path.join({str(mnt)!r}, name))\n")
-    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)) as daemon:
+    with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
         remover = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
         _kill_when(daemon, remover, lambda: len(os.listdir(upper)) >= len(names) // 3)
     whiteouts = set(os.listdir(upper))
@@ -376,7 +373,7 @@ def test_killed_while_removing_lower_names_leaves_each_name_whole_or_whited_out(
         st = os.lstat(upper / name)
         assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, f"{name} in upper is not a whiteout"
     assert len(names) // 3 <= len(whiteouts) < len(names), "the kill did not land in the middle"
-    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)):
+    with _overlay("ovlfuse", [lower], upper, work, mnt):
         assert os.listdir(work / "work") == [], "work/ is cleaned at mount"
         seen = set(os.listdir(mnt))
         assert seen == set(names) - whiteouts
@@ -459,14 +456,14 @@ def test_killed_while_writing_a_new_file_keeps_every_acknowledged_byte(tmp_path)
     lower, upper, work, mnt = _layers(tmp_path)
     (lower / "other").write_text("other\n")
     stop = 256
-    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)) as daemon:
+    with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
         writer, progress, reader = _write_in_a_child(mnt / "new", stop, flip=False)
         _kill_when(daemon, writer, lambda: progress["acked"] >= 32 * CHUNK)
         reader.join()
     acked = progress["acked"]
     assert progress["synced"] <= acked < stop * CHUNK, "the kill did not land in the middle"
     assert sorted(os.listdir(upper)) == ["new"]
-    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)):
+    with _overlay("ovlfuse", [lower], upper, work, mnt):
         size = os.stat(mnt / "new").st_size
         assert acked <= size <= acked + CHUNK
         assert _common_prefix(mnt / "new", flip=False) == size
@@ -482,14 +479,14 @@ def test_killed_while_overwriting_a_copied_up_file_keeps_the_rest_of_the_old_dat
         for i in range(stop):
             f.write(_chunk(i))
     before = fingerprint(str(lower))
-    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)) as daemon:
+    with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
         writer, progress, reader = _write_in_a_child(mnt / "old", stop, flip=True)
         _kill_when(daemon, writer, lambda: progress["acked"] >= 16 * CHUNK)
         reader.join()
     acked = progress["acked"]
     assert acked < stop * CHUNK, "the kill did not land in the middle"
     assert sorted(os.listdir(upper)) == ["old"]
-    with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)):
+    with _overlay("ovlfuse", [lower], upper, work, mnt):
         assert os.stat(mnt / "old").st_size == stop * CHUNK
         written = _common_prefix(mnt / "old", flip=True)
         assert acked <= written <= acked + CHUNK
@@ -716,7 +713,7 @@ def test_data_acknowledged_by_fsync_survives_a_power_cut(tmp_path):
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
     with _loop_mount(image, fs, "rw,commit=600"):  # no periodic journal commit while the image is copied
         upper, work = _dirs(fs, "upper", "work")
-        with ovlfuse_mount(_ovlfuse_args(lower, upper, work, mnt), str(mnt)) as daemon:
+        with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
             new = os.open(mnt / "new", os.O_WRONLY | os.O_CREAT, 0o644)
             copied = os.open(mnt / "old", os.O_WRONLY)
             for i in range(16):
