@@ -61,6 +61,13 @@ def find_layer(root: str, layer: str) -> str:
         if not os.path.isdir(path):
             raise OvlError(f"layer directory {layer} does not exist")
         return path
+    try:
+        os.stat(root)
+    except PermissionError:
+        raise OvlError(f"cannot reach store root {root}: permission denied; run as a user who may read it "
+                       "(an engine's own store is root's)") from None
+    except OSError:
+        pass
     if not os.path.isdir(root):
         raise OvlError(f"store root {root} does not exist or is not a directory; "
                        "pass --root DIR or set OVLFUSE_ROOT to your overlay2 directory")

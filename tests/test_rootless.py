@@ -205,3 +205,12 @@ def test_ordinary_user_writes_an_upper_dir_the_kernel_reads_with_userxattr(user,
         user, mnt, f"mount -t overlay overlay -o userxattr,lowerdir={':'.join(layers.lowers)},"
                    f"upperdir={layers.upper},workdir={layers.work} {mnt} && ")
     assert differences(kernel, ours) == []
+
+
+def test_a_store_the_user_may_not_read_is_a_clear_error(user):
+    docker_root = os.path.join(user.home, "root-only")  # as /var/lib/docker is: root's, mode 0700
+    os.makedirs(f"{docker_root}/overlay2")
+    os.chmod(docker_root, 0o700)
+    result = user.run("layers", "--docker-root", docker_root, "web")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "permission denied" in result.stderr, result.stderr
