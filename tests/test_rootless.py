@@ -118,7 +118,10 @@ def _as_user(user: OrdinaryUser, *command: str) -> subprocess.CompletedProcess:
 
 
 def _snapshot_in_user_namespace(user: OrdinaryUser, root: str, mount_first: str = "") -> Snapshot:
-    """The user's snapshot of ``root``, taken as root of a new user namespace (after ``mount_first``)."""
+    """The user's snapshot of ``root``, taken as root of a new user namespace (after ``mount_first``).
+
+    A mount made there ends with the namespace, when the command exits.
+    """
     out = os.path.join(user.home, "snapshot.pickle")
     take = f'{user.python} -c "import pickle, sys, treesnap; pickle.dump(treesnap.snapshot(sys.argv[1]), ' \
            f'open(sys.argv[2], \'wb\'))" {root} {out}'
