@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -57,7 +58,7 @@ def _ulimits() -> list[str]:
 class Podman:
     """One private podman: its own storage, run and tmp directories, cleaned up by them alone."""
 
-    def __init__(self, base: Path, mount_program: str | None) -> None:
+    def __init__(self, base: Path, mount_program: str | None, *storage_opts: str) -> None:
         self.base = base
         self.root, self.runroot, self.tmp = (str(base / n) for n in ("root", "run", "tmp"))
         os.makedirs(self.tmp)
@@ -66,6 +67,8 @@ class Podman:
                         "--storage-driver", "overlay"]
         if mount_program:
             self.options += ["--storage-opt", f"overlay.mount_program={mount_program}"]
+        for opt in storage_opts:
+            self.options += ["--storage-opt", opt]
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         result = subprocess.run(["podman", *self.options, *args], capture_output=True, timeout=timeout,
@@ -119,7 +122,7 @@ def _rootfs_tar(path: Path) -> Path:
         if not os.path.lexists(link):
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink("/bin/busybox", link)
-    files = {"etc/greeting": "hello\n", "data/keep": "keep\n", "data/sub/f": "f\n", "data/sub/deeper/x": "x\n",
+    files = {"etc/greeting": "hello\n", "etc/secret": "s\n", "data/keep": "keep\n", "data/sub/f": "f\n", "data/sub/deeper/x": "x\n",
              "data/moved-from": "moving\n", "data/owned": "owned\n", "data/other/inside": "i\n",
              "opt/tree/a": "a\n", "opt/tree/b/c": "c\n"}
     for name, text in files.items():
@@ -127,6 +130,9 @@ def _rootfs_tar(path: Path) -> Path:
         (rootfs / name).write_text(text)
     (rootfs / "tmp").mkdir()
     os.chmod(rootfs / "tmp", 0o1777)
+    os.chmod(rootfs / "etc" / "secret", 0o600)
+    os.chown(rootfs / "data" / "owned", 7, 8)
+    os.chmod(rootfs / "opt" / "tree", 0o2750)
     tar = path / "rootfs.tar"
     with tarfile.open(tar, "w") as t:
         t.add(rootfs, arcname=".")
@@ -134,11 +140,18 @@ def _rootfs_tar(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def base(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("podman")
+
+
+@pytest.fixture(scope="module")
+def pair(base):
     """(ovlfuse podman, kernel podman), each with the same base image imported."""
-    base = tmp_path_factory.mktemp("podman")
-    tar = _rootfs_tar(base)
-    sides = [Podman(base / "ovlfuse", OVLFUSE), Podman(base / "kernel", None)]
+    yield from _sides(base, [Podman(base / "ovlfuse", OVLFUSE), Podman(base / "kernel", None)])
+
+
+def _sides(base: Path, sides: list[Podman]):
+    tar = base / "rootfs.tar" if (base / "rootfs.tar").exists() else _rootfs_tar(base)
     try:
         for side in sides:
             side("import", str(tar), "localhost/base:latest")
@@ -229,3 +242,23 @@ def test_a_build_that_deletes_and_replaces_gives_the_kernel_drivers_image(pair, 
     assert [p for p in tree if p.startswith("data/sub/")] == ["data/sub/h"]
     assert [p for p in tree if p.startswith("opt/x/")] == ["opt/x/two"]
     assert not any(p.startswith("opt/tree/") for p in tree) and "bin/vi" not in tree and "data/keep" not in tree
+
+
+def test_force_mask_keeps_the_images_owners_and_modes_in_records(pair, base):
+    """``overlay.force_mask``: layers are stored with mode 0755 and the image's owner and mode in
+    ``user.containers.override_stat``; containers/storage mounts them with ``xattr_permissions=2``."""
+    kernel = pair[1]
+    for masked in _sides(base, [Podman(base / "masked", OVLFUSE, "overlay.force_mask=shared")]):
+        trees = []
+        for side in (masked[0], kernel):
+            side("run", "--name", "changer", "--network=none", *_ulimits(), "localhost/base", "sh", "-c", CHANGES)
+            trees.append(_tree(side("export", "changer").stdout))
+            side("rm", "changer")
+        # containers/storage (podman 4.3) writes its records without the setuid, setgid and sticky bits.
+        plain = [{p: (r[0], r[1] & 0o777, *r[2:]) for p, r in tree.items()} for tree in trees]
+        assert _differences(plain[0], plain[1]) == []
+        shown = {p: (trees[0][p][1] & 0o7777, *trees[0][p][2:4]) for p in ("etc/secret", "data/owned")}
+        assert shown == {"etc/secret": (0o600, 0, 0), "data/owned": (0o640, 1, 2)}
+        stored = [p for p in Path(masked[0].root, "overlay").glob("*/diff/etc/secret")]
+        assert stored and all(stat.S_IMODE(p.stat().st_mode) == 0o755 for p in stored)  # the mask, for real
+        assert os.getxattr(stored[0], "user.containers.override_stat").startswith(b"0:0:")
