@@ -134,11 +134,14 @@ def _rootfs_tar(tmp: str) -> str:
     for applet in applets:
         if applet != "busybox":
             os.symlink("busybox", f"{rootfs}/bin/{applet}")
-    os.link(f"{rootfs}/bin/busybox", f"{rootfs}/bin/busybox.hard")
     write(f"{rootfs}/etc/x/attr", "xa\n")
     os.setxattr(f"{rootfs}/etc/x/attr", "user.color", b"blue")
     os.setxattr(f"{rootfs}/etc/x", "user.dir", b"d")
+    write(f"{rootfs}/etc/untouched", "u\n")  # copy-ups below lose user.* xattrs: Docker's layer tars keep
+    os.setxattr(f"{rootfs}/etc/untouched", "user.color", b"green")  # only security.capability
     os.setxattr(f"{rootfs}/bin/busybox", "security.capability", bytes.fromhex("0100000200200000" + "00" * 12))
+    write(f"{rootfs}/etc/hard-a", "h\n")  # not busybox: unpacking a hard link chowns it, which drops capabilities
+    os.link(f"{rootfs}/etc/hard-a", f"{rootfs}/etc/hard-b")
     write(f"{rootfs}/etc/owned", "o\n", 0o4750)
     os.chown(f"{rootfs}/etc/owned", 1234, 5678)
     for d in ("proc", "sys", "dev", "tmp"):
@@ -251,6 +254,8 @@ def test_container_by_name_equals_dockerds_own_mount(docker, mnt):
         expected = snapshot(merged)
         assert {b"data/moved", b"data/file2dir/c", b"data/hl3"} <= expected.records.keys()
         assert not {b"data/keep/a", b"data/file2dir/in", b"data/opq/new", b"bin/ln"} & expected.records.keys()
+        assert dict(expected.records[b"etc/untouched"].xattrs) == {"user.color": b"green"}
+        assert "security.capability" in dict(expected.records[b"bin/busybox"].xattrs)
         # read-only while dockerd's kernel mount of the same layer is live
         assert differences(expected, _ovlfuse_view(docker, "changer", mnt, "--read-only")) == []
     finally:
