@@ -455,6 +455,7 @@ def test_killed_while_writing_a_new_file_keeps_every_acknowledged_byte(tmp_path)
     """
     lower, upper, work, mnt = _layers(tmp_path)
     (lower / "other").write_text("other\n")
+    before = fingerprint(str(lower))
     stop = 256
     with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
         writer, progress, reader = _write_in_a_child(mnt / "new", stop, flip=False)
@@ -469,6 +470,7 @@ def test_killed_while_writing_a_new_file_keeps_every_acknowledged_byte(tmp_path)
         assert _common_prefix(mnt / "new", flip=False) == size
         assert sorted(os.listdir(mnt)) == ["new", "other"]
         assert os.listdir(work / "work") == []
+    assert fingerprint(str(lower)) == before
 
 
 def test_killed_while_overwriting_a_copied_up_file_keeps_the_rest_of_the_old_data(tmp_path):
