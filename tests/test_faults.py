@@ -281,6 +281,8 @@ def _fill_upper(mnt: Path, upper_fs: Path, lower: Path) -> list:
     out.append(("mkdir", _errno(lambda: os.mkdir(mnt / "dir"))))
     out.append(("symlink", _errno(lambda: os.symlink("target", mnt / "link"))))
     out.append(("whiteout for rename", _errno(lambda: os.rename(mnt / "names" / "n2", mnt / "names" / "m2"))))
+    out.append(("create over a whiteout", _write_all(mnt / "names" / "n0", b"")))
+    out.append(("mkdir over a whiteout", _errno(lambda: os.mkdir(mnt / "names" / "n0"))))
     out.append(("listing", sorted(os.listdir(mnt / "names")), sorted(os.listdir(mnt))))
     out.append(("reads", _digests(mnt, kept) == before, _read(mnt / "big") == _read(lower / "big")))
 
