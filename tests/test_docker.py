@@ -59,9 +59,8 @@ CHANGES = ("if [ -e /ran ]; then exec sleep 1000000; fi; "
 
 @dataclass
 class Docker:
-    """A private dockerd and the names it has been given."""
+    """Debian's docker client, talking to the module's private dockerd."""
 
-    tmp: str
     data_root: str
     env: dict[str, str]
 
@@ -103,15 +102,21 @@ def _end(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _end_pid_files(state: str) -> None:
-    """Shims containerd left running: their PIDs are in our private state dir."""
+def _end_left_containers(state: str) -> None:
+    """Containers left running, by the PIDs in containerd's private state dir, and their shims (the parents)."""
     for dirpath, _, files in os.walk(state):
-        for name in files:
-            if name == "shim.pid":
-                try:
-                    os.kill(int(open(os.path.join(dirpath, name)).read().strip()), signal.SIGKILL)
-                except (ValueError, OSError):
-                    pass
+        if "init.pid" not in files:
+            continue
+        try:
+            pid = int(open(os.path.join(dirpath, "init.pid")).read())
+            shim = int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1])
+        except (ValueError, OSError):
+            continue
+        for victim in (pid, shim) if shim > 1 else (pid,):
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _unmount_under(path: str) -> list[str]:
@@ -172,7 +177,7 @@ def docker() -> Iterator[Docker]:
     logs = [os.path.join(tmp, "containerd.log"), os.path.join(tmp, "dockerd.log")]
     procs: list[subprocess.Popen] = []
     made = [d for d in RUNTIME_DIRS if not os.path.exists(d)]
-    client = Docker(tmp, data_root, env)
+    client = Docker(data_root, env)
     try:
         with open(logs[0], "w") as log:
             procs.append(subprocess.Popen([CONTAINERD, "--config", config], stdout=log, stderr=log,
@@ -204,7 +209,7 @@ def docker() -> Iterator[Docker]:
                 subprocess.run([DOCKER, "rm", "-f", *containers.split()], capture_output=True, env=env)
         for proc in reversed(procs):
             _end(proc)
-        _end_pid_files(state)
+        _end_left_containers(state)
         for path in made:
             try:
                 os.rmdir(path)
