@@ -39,16 +39,34 @@ from ovlfuse.statoverride import Stored
 NAME_MAX = 255
 
 
+class Attrs:
+    """The lstat fields the merged view reports: a third of an os.stat_result's memory, kept per name."""
+
+    __slots__ = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize",
+                 "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
+
+    def __init__(self, st: os.stat_result) -> None:
+        self.st_mode, self.st_ino, self.st_nlink = st.st_mode, st.st_ino, st.st_nlink
+        self.st_uid, self.st_gid, self.st_rdev = st.st_uid, st.st_gid, st.st_rdev
+        self.st_size, self.st_blksize, self.st_blocks = st.st_size, st.st_blksize, st.st_blocks
+        self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+
+
 @dataclass(slots=True, eq=False)
 class Entry:
     """One visible name of the merged view: where its object lives and what it is."""
 
     path: bytes  # merged path from the mount root (b"" for the root); the same in every layer
     layer: Layer  # the layer that provides the object (for directories: the topmost part)
-    st: os.stat_result  # lstat of that object
+    st: Attrs  # lstat of that object (an os.stat_result assigned here is cut down to Attrs)
     ino: int = 0  # inode number reported to the kernel
     dirs: tuple[Layer, ...] = ()  # for directories: every layer whose part is merged in
     record: tuple[tuple[int, int], Stored | None] | None = None  # (ino, ctime) -> its stat override record
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "st" and isinstance(value, os.stat_result):
+            value = Attrs(value)
+        object.__setattr__(self, name, value)
 
     @property
     def merged(self) -> bool:
