@@ -140,6 +140,16 @@ def user() -> Iterator[OrdinaryUser]:
         yield user
 
 
+@pytest.fixture(scope="module")
+def userns_user(user: OrdinaryUser) -> OrdinaryUser:
+    """The user, where an ordinary user may make a user namespace (the kernel mounts are made in one)."""
+    probe = _as_user(user, "unshare", "-Urm", "true")
+    if probe.returncode != 0:
+        pytest.skip("an ordinary user cannot make a user namespace here, so the kernel's userxattr view "
+                    f"cannot be had (unshare -Urm: {probe.stderr.strip()})")
+    return user
+
+
 def _upper_census(upper: str) -> dict[str, str]:
     found = {}
     for dirpath, dirnames, filenames in os.walk(upper):
@@ -179,7 +189,8 @@ def _end_daemon(user: OrdinaryUser, mnt: str, pid_file: str) -> None:
 
 
 @pytest.mark.parametrize("form", ["layer-id", "lowerdir"])
-def test_ordinary_user_writes_an_upper_dir_the_kernel_reads_with_userxattr(user, form):
+def test_ordinary_user_writes_an_upper_dir_the_kernel_reads_with_userxattr(userns_user, form):
+    user = userns_user
     base_dir = os.path.join(user.home, form)
     layers = (_store_layers if form == "layer-id" else _dir_layers)(base_dir)
     write(f"{layers.lowers[-1]}/rootfile", "owned by root\n")  # shows as nobody in both views
