@@ -9,12 +9,16 @@ Rules (shared spec section 3, checked against the kernel's overlay):
 - a directory is removed only when its merged view is empty;
 - a directory with lower parts cannot be renamed (EXDEV, redirect_dir off);
 - a renamed object leaves a whiteout behind if its old name exists below.
+Whiteouts are char 0:0 devices; only where those cannot be made is the OCI
+``.wh.NAME`` file written instead (the kernel's overlay does not read it), each
+change ordered so that a crash shows the old state or the new, never neither.
 All of it runs under the engine's write lock, so each step sees the last.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -25,10 +29,13 @@ from ovlfuse.copyup import CopyUp, Workdir
 from ovlfuse.layers import LayerStack
 from ovlfuse.markers import (
     WH_PREFIX,
+    device_whiteouts_work,
     is_device_whiteout,
     is_xattr_whiteout,
     make_whiteout,
+    make_whiteout_file,
     opaque_value,
+    remove_whiteout_file,
     set_opaque,
 )
 from ovlfuse.namei import NAME_MAX, Entry, Namei, child_path
@@ -39,6 +46,9 @@ from ovlfuse.safeio import (
     open_beneath,
     renameat2,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 def _fail(code: int) -> pyfuse3.FUSEError:
@@ -60,6 +70,10 @@ class DirOps:
         self.namei = namei
         self.copyup = copyup
         self.work = work
+        self.device_whiteouts = device_whiteouts_work(work.fd, work.tmpname())
+        if not self.device_whiteouts:
+            log.warning("char 0:0 whiteouts cannot be made on the upper filesystem; writing .wh. files "
+                        "instead, which the kernel's overlay does not read")
 
     def existing(self, parent: Entry, name: bytes) -> Entry:
         entry = self.namei.lookup(parent, name)
@@ -133,14 +147,18 @@ class DirOps:
         upper_parent = self.copyup.upper_dir(parent)
         try:
             old = _lstat(upper_parent, name)
-            if old is None:
+            marker = (not self.device_whiteouts and len(WH_PREFIX + name) <= NAME_MAX
+                      and _lstat(upper_parent, WH_PREFIX + name) is not None)
+            if old is None and not marker:
                 build(upper_parent, name)
-            else:  # a whiteout: replace it with a copy built aside
+            else:  # over a whiteout: build a copy aside, then move it in
                 def build_marked(dirfd: int, new: bytes) -> None:
                     build(dirfd, new)
                     if is_dir:
                         set_opaque(dirfd, new, self.stack.userxattr)
-                self._swap_in(build_marked, upper_parent, name, exchange=is_dir)
+                self._swap_in(build_marked, upper_parent, name, exchange=is_dir and old is not None)
+                if marker:
+                    remove_whiteout_file(upper_parent, name)
             st = os.stat(name, dir_fd=upper_parent, follow_symlinks=False)
         finally:
             os.close(upper_parent)
@@ -183,7 +201,17 @@ class DirOps:
 
     def _whiteout_over(self, upper_parent: int, name: bytes, exchange: bool) -> None:
         """Put a whiteout at ``name``: renamed over a file, exchanged with a directory, or new."""
-        self._swap_in(make_whiteout, upper_parent, name, exchange)
+        if self.device_whiteouts:
+            self._swap_in(make_whiteout, upper_parent, name, exchange)
+            return
+        make_whiteout_file(upper_parent, name)  # first: until the object goes, it is still what shows
+        old = _lstat(upper_parent, name)
+        if old is None:
+            return
+        if stat.S_ISDIR(old.st_mode):
+            self._remove_upper_dir(upper_parent, name)
+        else:
+            os.unlink(name, dir_fd=upper_parent)
 
     def unlink(self, parent: Entry, name: bytes) -> Entry:
         entry = self.existing(parent, name)
@@ -317,6 +345,13 @@ class DirOps:
             return
         if target is not None and stat.S_ISDIR(target.st_mode):
             self._clear(up2, n2)
+        if not self.device_whiteouts:
+            if src_below:
+                make_whiteout_file(up1, n1)  # the old name shows the object until it moves
+            os.rename(n1, n2, src_dir_fd=up1, dst_dir_fd=up2)
+            if len(WH_PREFIX + n2) <= NAME_MAX:
+                remove_whiteout_file(up2, n2)
+            return
         if not src_below:
             os.rename(n1, n2, src_dir_fd=up1, dst_dir_fd=up2)
             return

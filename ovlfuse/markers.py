@@ -6,6 +6,7 @@ in ``namei``.  See shared spec section 2 for the table of forms.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -86,3 +87,33 @@ def set_opaque(dirfd: int, name: bytes, userxattr: bool) -> None:
 def make_whiteout(dirfd: int, name: bytes) -> None:
     """Create a whiteout, the kernel's char device 0:0 (allowed unprivileged since Linux 5.8)."""
     os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dirfd)
+
+
+def device_whiteouts_work(dirfd: int, probe: bytes) -> bool:
+    """Whether char 0:0 whiteouts can be made here (tried as ``probe``, then removed).
+
+    Where they cannot (Linux before 5.8 for an ordinary user, or an upper
+    filesystem without device nodes), the OCI ``.wh.`` files are the fallback.
+    """
+    try:
+        make_whiteout(dirfd, probe)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise
+    os.unlink(probe, dir_fd=dirfd)
+    return True
+
+
+def make_whiteout_file(dirfd: int, name: bytes) -> None:
+    """The OCI whiteout ``.wh.NAME``: hides NAME below, not NAME in its own layer."""
+    os.close(os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dirfd))
+
+
+def remove_whiteout_file(dirfd: int, name: bytes) -> None:
+    """Drop ``.wh.NAME`` once NAME itself is in the layer (it would only hide what is already hidden)."""
+    try:
+        os.unlink(WH_PREFIX + name, dir_fd=dirfd)
+    except FileNotFoundError:
+        pass

@@ -34,9 +34,10 @@ def run_ovlfuse(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def ovlfuse_mount(args: list[str], mountpoint: str, timeout: float = 60) -> Iterator[subprocess.Popen]:
-    """Run ``ovlfuse -f ARGS`` and yield once ``mountpoint`` is live."""
-    proc = subprocess.Popen([*OVLFUSE, "-f", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def ovlfuse_mount(args: list[str], mountpoint: str, timeout: float = 60,
+                  command: list[str] = OVLFUSE) -> Iterator[subprocess.Popen]:
+    """Run ``ovlfuse -f ARGS`` (started by ``command``) and yield once ``mountpoint`` is live."""
+    proc = subprocess.Popen([*command, "-f", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout
         while not is_mounted(mountpoint):

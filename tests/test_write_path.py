@@ -18,6 +18,7 @@ import pathlib
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -375,6 +376,33 @@ def test_sequence_matches_kernel(tmp_path, layers):
     assert pair.results["rename only-low only-low-moved  "] == ("error", "EXDEV")
     assert pair.results["mknod 0:0 zero (8576, 0) "] == ("error", "EPERM")
     assert pair.results["read a/hard3"] == ("ok", b"hard\n")
+
+
+NO_DEVICE_WHITEOUTS = [sys.executable, os.path.join(os.path.dirname(__file__), "no_device_whiteouts.py")]
+
+
+def test_whiteout_files_where_devices_cannot_be_made(tmp_path):
+    """Where char 0:0 cannot be made, ``.wh.`` files give the same calls and views as the kernel's run.
+
+    The fixed sequence runs against the kernel and against ovlfuse under a
+    seccomp filter refusing 0:0 devices and RENAME_WHITEOUT, as older kernels
+    do for ordinary users.  The kernel does not read ``.wh.`` files, so the
+    upper dir is checked by form, and by a second ovlfuse mount showing the
+    kernel's tree.
+    """
+    kernel, ours, kmnt, omnt = make_pair(tmp_path)
+    pair = Pair(kernel, ours, kmnt, omnt, time.time_ns())
+    devices = {p for p, r in snapshot(ours.top.diff).records.items() if r.kind == "chardev" and r.rdev == 0}
+    with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt), omnt, command=NO_DEVICE_WHITEOUTS):
+        assert "\n".join(pair.apply(SEQUENCE)) == ""
+        assert "\n".join(pair.tree_differences()) == ""
+    upper = snapshot(ours.top.diff)
+    assert {p for p, r in upper.records.items() if r.kind == "chardev" and r.rdev == 0} <= devices
+    markers = [p for p in upper.records if os.path.basename(p).startswith(b".wh.")]
+    assert len(markers) >= 5, markers
+    assert os.listdir(os.path.join(ours.top.dir, "work", "work")) == []
+    with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt), omnt):
+        assert "\n".join(pair.tree_differences()) == ""
 
 
 def shell(command: str) -> Op:
