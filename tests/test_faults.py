@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -211,6 +212,81 @@ def test_callers_keep_being_served_while_others_hit_bad_blocks(tmp_path):
             assert _read(mnt / "dir" / "w1-149") == b"149\n"
         assert os.listdir(work / "work") == []
         assert sorted(os.listdir(upper)) == ["dir"]
+
+
+NEEDLE = "needle-" + "n" * 60
+
+
+def _leaf_holding(image: Path, item_type: str, name: str) -> int:
+    """Logical address of the btrfs leaf that holds the ``item_type`` item of ``name`` (fs tree)."""
+    dump = subprocess.run(["btrfs", "inspect-internal", "dump-tree", "-t", "5", str(image)], check=True,
+                          capture_output=True, text=True).stdout
+    leaf, kind = None, None
+    for line in dump.splitlines():
+        if m := re.match(r"leaf (\d+) items", line):
+            leaf = int(m.group(1))
+        elif m := re.match(r"\s*item \d+ key \(\d+ (\w+) \d+\)", line):
+            kind = m.group(1)
+        elif kind == item_type and line.strip().endswith("name: " + name):
+            assert leaf is not None
+            return leaf
+    raise AssertionError(f"no {item_type} item for {name} in {image}")
+
+
+@contextlib.contextmanager
+def _btrfs_with_a_bad_directory_block(base: Path) -> Iterator[Path]:
+    """A read-only btrfs lower in which the metadata block holding part of ``big``'s listing fails its checksum."""
+    image, mnt = base / "btrfs.img", base / "btrfs"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", "--mixed", str(image)], check=True, capture_output=True)
+    with _loop_mount(image, mnt):
+        (mnt / "good").mkdir()  # first, so its items sort before big's
+        for i in range(5):
+            (mnt / "good" / f"g{i}").write_text(f"{i}\n")
+        (mnt / "big").mkdir()
+        for i in range(600):  # a listing of many leaves
+            (mnt / "big" / (f"entry-{i:04d}-" + "p" * 80)).touch()
+        (mnt / "big" / NEEDLE).touch()
+    leaf = _leaf_holding(image, "DIR_INDEX", NEEDLE)
+    mirrors = subprocess.run(["btrfs-map-logical", "-l", str(leaf), str(image)], check=True, capture_output=True,
+                             text=True).stdout
+    with open(image, "r+b") as f:
+        for physical in re.findall(r"physical (\d+)", mirrors):
+            f.seek(int(physical) + 2000)
+            byte = f.read(1)
+            f.seek(int(physical) + 2000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    with _loop_mount(image, mnt, "ro"):
+        yield mnt
+
+
+def test_bad_metadata_block_in_a_lower_directory_fails_that_directory_alone(tmp_path):
+    """Listing the directory gives EIO, as on the kernel; other directories are listed, read and written.
+
+    ovlfuse answers every name in that directory from one merged index,
+    which cannot be built, so it also gives EIO for the names the kernel can
+    still look up one by one.
+    """
+    with _btrfs_with_a_bad_directory_block(tmp_path) as lower:
+        results, lookups = {}, {}
+        for kind in ("kernel", "ovlfuse"):
+            upper, work, mnt = _dirs(tmp_path / kind, "upper", "work", "mnt")
+            with _overlay(kind, [lower], upper, work, mnt) as daemon:
+                results[kind] = [
+                    ("list", _errno(lambda: os.listdir(mnt / "big"))),
+                    ("list another", sorted(os.listdir(mnt / "good")), sorted(os.listdir(mnt))),
+                    ("read another", (mnt / "good" / "g3").read_text()),
+                    ("write another", _errno(lambda: (mnt / "good" / "new").write_text("new\n"))),
+                    ("list again", _errno(lambda: os.listdir(mnt / "big"))),
+                ]
+                lookups[kind] = _errno(lambda: os.stat(mnt / "big" / NEEDLE))
+                if kind == "ovlfuse":
+                    assert daemon.poll() is None
+    assert results["ovlfuse"] == results["kernel"]
+    assert results["ovlfuse"][0] == ("list", "EIO")
+    assert lookups == {"kernel": "ok", "ovlfuse": "EIO"}
 
 
 # --- a full upper filesystem ----------------------------------------------------------------------------
