@@ -39,15 +39,16 @@ class View:
 def stored_attributes(entry: Entry) -> Stored:
     """Owner, mode and rdev as the entry's layer keeps them: its stat override record where the layer uses them.
 
-    The record is read once per (inode, ctime): setting an xattr changes the ctime.
+    A lower object's record is read once (lower layers do not change).  An
+    upper one is read on every call, as its ``lstat`` is: a ctime cannot tell
+    two changes within one clock tick apart.
     """
     st = entry.st
     real = Stored.of(st)
     name = entry.layer.override
     if name is None:
         return real
-    key = (st.st_ino, st.st_ctime_ns)
-    if entry.record is None or entry.record[0] != key:
+    if entry.layer.is_upper or entry.record is None or entry.record[0] != st.st_ino:
         try:
             fd = _parent_fd(entry)
         except OSError:
@@ -56,7 +57,7 @@ def stored_attributes(entry: Entry) -> Stored:
             value = get_xattr(*_object_args(entry, fd), name)
         finally:
             os.close(fd)
-        entry.record = (key, statoverride.parse(value, real) if value is not None else None)
+        entry.record = (st.st_ino, statoverride.parse(value, real) if value is not None else None)
     return entry.record[1] or real
 
 
@@ -183,6 +184,13 @@ def listxattr(entry: Entry) -> list[bytes]:
 
 
 def readlink(entry: Entry) -> bytes:
+    if stat.S_ISREG(entry.st.st_mode) and stat.S_ISLNK(stored_attributes(entry).mode):
+        # A symlink kept as a file whose record gives the type: the file holds the target.
+        fd = open_beneath(entry.layer.fd, entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            return os.read(fd, 4096)
+        finally:
+            os.close(fd)
     if not stat.S_ISLNK(entry.st.st_mode):
         raise pyfuse3.FUSEError(errno.EINVAL)
     fd = _parent_fd(entry)

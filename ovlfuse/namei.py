@@ -61,7 +61,7 @@ class Entry:
     st: Attrs  # lstat of that object (an os.stat_result assigned here is cut down to Attrs)
     ino: int = 0  # inode number reported to the kernel
     dirs: tuple[Layer, ...] = ()  # for directories: every layer whose part is merged in
-    record: tuple[tuple[int, int], Stored | None] | None = None  # (ino, ctime) -> its stat override record
+    record: tuple[int, Stored | None] | None = None  # a lower object's stat override record, by its inode
 
     def __setattr__(self, name: str, value: object) -> None:
         if name == "st" and isinstance(value, os.stat_result):

@@ -175,9 +175,10 @@ def _recorded_lower(tmp_path, name: str = CONTAINERS) -> str:
     """A layer that keeps owners and modes in records, as a rootless or force_mask pull writes it."""
     lower = tmp_path / "rec-lower"
     (lower / "d").mkdir(parents=True)
-    for f in ("f", "dev", "fifo", "plain", "d/inner"):
-        (lower / f).write_text(f)
+    for f in ("f", "dev", "fifo", "plain", "d/inner", "link"):
+        (lower / f).write_text(f if f != "link" else "d/inner")
     records = {"": "0:0:0755:dir", "f": "1234:5678:0600:file", "dev": "1:2:0640:char-1-3", "fifo": "3:4:0600:pipe",
+               "link": "5:5:0777:symlink",
                "d": "7:8:02750:dir", "d/inner": "9:9:100640"}  # the last: fuse-overlayfs's own form
     for path, value in records.items():
         os.setxattr(lower / path, name, value.encode())
@@ -199,6 +200,8 @@ def test_records_in_a_marked_layer_give_owner_mode_and_type(tmp_path):
         assert shown("d") == (7, 8, oct(stat.S_IFDIR | 0o2750), 0)
         assert shown("d/inner") == (9, 9, oct(stat.S_IFREG | 0o640), 0)
         assert shown("plain") == (plain.st_uid, plain.st_gid, oct(plain.st_mode), 0)  # no record: real
+        assert shown("link") == (5, 5, oct(stat.S_IFLNK | 0o777), 0)
+        assert os.readlink(os.path.join(mnt, "link")) == "d/inner"  # a symlink kept as a file holds its target
         assert os.listxattr(os.path.join(mnt, "f")) == []  # records are bookkeeping
         assert os.listxattr(os.path.join(mnt, "plain")) == ["user.other"]
         with pytest.raises(OSError):
@@ -278,3 +281,17 @@ def test_xattr_permissions_keep_changes_in_records_with_the_kernels_view(tmp_pat
         assert differences(expected, snapshot(mnt, with_times=False)) == []
         with pytest.raises(PermissionError):
             os.setxattr(os.path.join(mnt, "a"), record, b"0:0:0777:file")
+
+
+def test_record_changes_show_at_once(tmp_path):
+    """Changes within one clock tick leave the ctime as it was: each must still show."""
+    lower = _base_lower(tmp_path)
+    upper, work, mnt = _dirs(tmp_path, "tick")
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work},xattr_permissions=2"
+    with ovlfuse_mount(["-o", opts, mnt], mnt):
+        path = os.path.join(mnt, "a")
+        for i in range(1, 200):
+            os.chown(path, i, 2 * i)
+            os.chmod(path, 0o600 | (i & 0o77))
+            st = os.lstat(path)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (i, 2 * i, 0o600 | (i & 0o77))
