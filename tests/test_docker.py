@@ -7,7 +7,9 @@ files and directories, make opaque dirs, hard links, symlinks, a fifo and a
 device, and a container whose command changes the tree again, committed to
 a third image.  Each view ovlfuse gives by name is compared with the kernel's
 view of the same layers: dockerd's own mount of a running container, and a
-kernel mount of the chain ``docker inspect`` reports for an image.
+kernel mount of the chain ``docker inspect`` reports for an image.  Changes
+ovlfuse writes into a stopped container's layer are what ``docker diff``
+reports and what dockerd mounts at the container's next start.
 """
 
 from __future__ import annotations
@@ -274,6 +276,39 @@ def test_container_by_name_equals_dockerds_own_mount(docker, mnt):
     # the store holds what the test is about: the kernel's opaque dir and whiteouts, made by dockerd
     assert os.getxattr(f"{upper}/data/file2dir", "trusted.overlay.opaque") == b"y"
     assert os.stat(f"{upper}/data/keep/a", follow_symlinks=False).st_rdev == 0
+
+
+OVLFUSE_CHANGES = """set -e
+rm data/keep/a
+rm -rf data/opq && mkdir data/opq && echo fresh > data/opq/fresh
+rm data/dir2file && mkdir data/dir2file && echo inner > data/dir2file/inner
+rm -rf data/file2dir
+echo more >> data/hl
+mv data/dangling data/renamed-link
+chmod 700 data/keep
+echo new > data/new-file
+"""
+
+
+def test_dockerd_runs_a_container_on_what_ovlfuse_wrote(docker, mnt):
+    """ovlfuse changes a stopped container's layer; dockerd's diff and its own mount at the next start agree."""
+    docker("create", "--name", "edited", "--network=none", "built:v1", "sleep", "1000000")
+    try:
+        with ovlfuse_mount(["--docker-root", docker.data_root, "edited", mnt], mnt):
+            subprocess.run(["sh", "-c", OVLFUSE_CHANGES], cwd=mnt, check=True)
+            os.setxattr(f"{mnt}/data/new-file", "user.note", b"by ovlfuse")
+            ours = snapshot(mnt)
+        # Docker reads the whiteouts and the opaque dir ("D /data/opq/new") in the upper dir ovlfuse wrote
+        assert set(docker("diff", "edited").splitlines()) == {
+            "C /data", "C /data/keep", "D /data/keep/a", "C /data/opq", "D /data/opq/new", "A /data/opq/fresh",
+            "C /data/dir2file", "A /data/dir2file/inner", "D /data/file2dir", "C /data/hl", "D /data/dangling",
+            "A /data/renamed-link", "A /data/new-file"}
+        docker("start", "edited")
+        merged = docker.graph("container", "edited", "MergedDir")
+        assert is_mounted(merged)
+        assert differences(snapshot(merged), ours) == []
+    finally:
+        docker("rm", "-f", "edited", check=False)
 
 
 @pytest.mark.parametrize("image", ["built:v1", "committed:v1", "base:v1"])
