@@ -206,9 +206,10 @@ def docker() -> Iterator[Docker]:
         yield client
     finally:
         if len(procs) == 2 and procs[1].poll() is None:
-            containers = subprocess.run([DOCKER, "ps", "-aq"], capture_output=True, text=True, env=env).stdout
-            if containers.split():
-                subprocess.run([DOCKER, "rm", "-f", *containers.split()], capture_output=True, env=env)
+            containers = subprocess.run([DOCKER, "ps", "-aq"], capture_output=True, text=True, env=env,
+                                        timeout=60).stdout.split()
+            if containers:
+                subprocess.run([DOCKER, "rm", "-f", *containers], capture_output=True, env=env, timeout=120)
         for proc in reversed(procs):
             _end(proc)
         _end_left_containers(state)
