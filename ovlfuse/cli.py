@@ -116,10 +116,13 @@ def _plan_from_names(ns: argparse.Namespace, read_only: bool):
 def _mount(argv: list[str]) -> int:
     from ovlfuse.daemon import ServeOptions, serve
     from ovlfuse.inode import View
+    from ovlfuse.store import check_upper_free
 
     parser = _parser()
     ns = parser.parse_intermixed_args(argv)
     plan, opts = _plan(ns, parser, 1)
+    if not (opts.read_only or ns.read_only):
+        check_upper_free(plan)
     serve_opts = ServeOptions(
         foreground=ns.foreground or (ns.debug and not ns.log_file),
         debug=ns.debug,

@@ -176,6 +176,20 @@ def plan_from_store(root: str, layer: str, read_only: bool) -> MountPlan:
     return plan
 
 
+def check_upper_free(plan: MountPlan) -> None:
+    """Refuse a writable mount of a layer that an engine has mounted (Docker and podman mount at ``merged``).
+
+    Two writers of one upper dir corrupt it, and ovlfuse empties ``work/work``
+    when it mounts, under the other mount's feet.
+    """
+    if plan.upper is None:
+        return
+    merged = os.path.join(os.path.dirname(plan.upper), "merged")
+    if os.path.ismount(merged):
+        raise OvlError(f"{merged} is mounted, so the layer is in use (a running container?); two mounts writing "
+                       "one upper dir corrupt it: mount it --read-only, or stop the container first")
+
+
 def _existing_dir(path: str, option: str) -> str:
     real = os.path.realpath(path)
     if not os.path.isdir(real):

@@ -264,8 +264,15 @@ def test_container_by_name_equals_dockerds_own_mount(docker, mnt):
         assert not {b"data/keep/a", b"data/file2dir/in", b"data/opq/new", b"bin/ln"} & expected.records.keys()
         assert dict(expected.records[b"etc/untouched"].xattrs) == {"user.color": b"green"}
         assert "security.capability" in dict(expected.records[b"bin/busybox"].xattrs)
-        # read-only while dockerd's kernel mount of the same layer is live
+        # read-only while dockerd's kernel mount of the same layer is live; writable is refused
         assert differences(expected, _ovlfuse_view(docker, "changer", mnt, "--read-only")) == []
+        try:
+            refused = run_ovlfuse("--docker-root", docker.data_root, "changer", mnt)
+        finally:
+            if is_mounted(mnt):  # only where the refusal failed; the daemon ends with its mount
+                subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1 and f"{merged} is mounted" in refused.stderr, refused.stderr
     finally:
         docker("kill", "changer", check=False)  # the error that matters is the one above
         docker("wait", "changer", check=False)
