@@ -84,10 +84,6 @@ class IdMap:
         """A map with this system's overflow ids (what an id no range covers becomes)."""
         return cls(uids, gids, squash_uid, squash_gid, _overflow("uid"), _overflow("gid"))
 
-    @property
-    def identity(self) -> bool:
-        return not (self.uids or self.gids) and self.squash_uid is None and self.squash_gid is None
-
     def shown(self, uid: int, gid: int) -> tuple[int, int]:
         """The owner the merged view shows for a stored owner."""
         return (self.squash_uid if self.squash_uid is not None else _through(self.uids, uid, True, self.overflow_uid),

@@ -87,7 +87,3 @@ def layer_marker(layer_fd: int) -> str | None:
         if get_xattr(layer_fd, None, name) is not None:
             return name
     return None
-
-
-def is_record(name: str) -> bool:
-    return name in NAMES
