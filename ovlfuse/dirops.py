@@ -18,6 +18,7 @@ All of it runs under the engine's write lock, so each step sees the last.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -70,10 +71,15 @@ class DirOps:
         self.namei = namei
         self.copyup = copyup
         self.work = work
-        self.device_whiteouts = device_whiteouts_work(work.fd, work.tmpname())
-        if not self.device_whiteouts:
+
+    @functools.cached_property
+    def device_whiteouts(self) -> bool:
+        """Whether whiteouts can be char 0:0 devices; found out at the first change, so a mount alone writes nothing."""
+        works = device_whiteouts_work(self.work.fd, self.work.tmpname())
+        if not works:
             log.warning("char 0:0 whiteouts cannot be made on the upper filesystem; writing .wh. files "
                         "instead, which the kernel's overlay does not read")
+        return works
 
     def existing(self, parent: Entry, name: bytes) -> Entry:
         entry = self.namei.lookup(parent, name)
