@@ -161,12 +161,21 @@ class MergeEngine:
         ``counts``: the kernel takes a reference to the entry when it is sent
         (readdirplus), so call ``nodes.remember`` for it; "." and ".." are not counted.
         """
+        directory = self.dirs.directory(fh)
         if start == 0 or not self.dirs.has_snapshot(fh):  # a first read, or after rewinddir()
-            directory = self.dirs.directory(fh)
             self.dirs.snapshot(fh, [(b".", directory), (b"..", self.namei.parent(directory)),
                                     *self.namei.index(directory).items()])
+        current = self.namei.index(directory)
         for offset, (name, entry) in enumerate(self.dirs.entries(fh, start), start + 1):
-            yield name, entry, offset, name not in (b".", b"..")
+            counts = name not in (b".", b"..")
+            if counts:
+                # A name removed or replaced since the snapshot is skipped or sent as it is now:
+                # readdirplus would otherwise plant a stale dentry in the kernel.
+                now = current.get(name)
+                if now is None:
+                    continue
+                entry = now
+            yield name, entry, offset, counts
 
     def releasedir(self, fh: int) -> None:
         self.dirs.release(fh)

@@ -128,7 +128,8 @@ class NodeTable:
         if node is None:
             node = self._nodes[entry.ino] = Node(entry)
         elif node.entry is not entry:
-            node.entry = entry  # another name of a hard link, or a rebuilt index
+            node.entry = entry  # another name of a hard link, a rebuilt index, or a new object
+            node.symlink = None  # under a reused inode number: read the target again
         node.nlookup += 1
         refresh(entry)
         return entry_attributes(entry, self.view)
