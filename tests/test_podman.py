@@ -146,8 +146,14 @@ def base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair(base):
-    """(ovlfuse podman, kernel podman), each with the same base image imported."""
-    yield from _sides(base, [Podman(base / "ovlfuse", OVLFUSE), Podman(base / "kernel", None)])
+    """(ovlfuse podman, kernel podman), each with the same base image imported.
+
+    A root mount of ovlfuse serves only root unless it has ``allow_other``
+    (fuse-overlayfs adds it by itself as root); storage.conf's ``mountopt``
+    passes it, as containers that run as another user need.
+    """
+    yield from _sides(base, [Podman(base / "ovlfuse", OVLFUSE, "overlay.mountopt=allow_other"),
+                             Podman(base / "kernel", None)])
 
 
 def _sides(base: Path, sides: list[Podman]):
@@ -217,6 +223,15 @@ def test_a_container_changes_files_as_on_the_kernel_driver(pair):
     assert "D /data/keep" in diffs[0] and "A /new" in diffs[0] and "C /etc/greeting" in diffs[0]
     assert _differences(trees[0], trees[1]) == []
     assert "data/sub/f" not in trees[0] and "data/sub/g" in trees[0] and trees[0]["data/other"][0] == tarfile.REGTYPE
+
+
+def test_a_container_of_another_user_gets_what_the_kernel_driver_gives(pair):
+    script = "{ id; cat /etc/greeting; cat /etc/secret; echo mine > /tmp/mine; stat -c '%u %g %a %s' /tmp/mine; " \
+             "echo no > /data/keep; rm /data/keep; ls /data; } 2>&1"
+    outputs = [side("run", "--rm", "--network=none", "--user", "1000:1000", *_ulimits(), "localhost/base",
+                    "sh", "-c", script).stdout.decode() for side in pair]
+    assert outputs[0] == outputs[1]
+    assert "uid=1000" in outputs[0] and "hello" in outputs[0] and "Permission denied" in outputs[0]
 
 
 CONTAINERFILE = """\
