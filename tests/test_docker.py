@@ -119,6 +119,10 @@ def _end_left_containers(state: str) -> None:
                 os.kill(victim, signal.SIGKILL)
             except OSError:
                 pass
+        try:  # a killed shim leaves its socket under /run/containerd/s
+            os.unlink(open(os.path.join(dirpath, "address")).read().strip().removeprefix("unix://"))
+        except OSError:
+            pass
 
 
 def _unmount_under(path: str) -> list[str]:
