@@ -367,3 +367,11 @@ def test_a_name_wins_over_an_id_prefix(docker):
 def test_verify_finds_no_difference(docker, name):
     result = run_ovlfuse("verify", "--docker-root", docker.data_root, name, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_verify_the_init_layer_by_id_prefix(docker):
+    """dockerd's <id>-init layer (/etc/hosts, /dev, /.dockerenv, ...) under its short name."""
+    layer = os.path.basename(os.path.dirname(docker.graph("container", "changer", "UpperDir")))
+    result = run_ovlfuse("verify", "--root", os.path.join(docker.data_root, "overlay2"), f"{layer[:12]}-init",
+                         timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
