@@ -284,6 +284,7 @@ class MergeEngine:
         return Stored(uid, gid, mode)
 
     def _set_owner(self, dirfd: int, name: bytes, stored: Stored) -> None:
+        """Owner and mode of a new upper object: in a record where the upper keeps them, else for real."""
         inode.set_owner(dirfd, name, self.stack.layers[0].override, stored)
 
     def _new(self, entry: Entry) -> pyfuse3.EntryAttributes:
