@@ -33,6 +33,10 @@ _FICLONE = 0x40049409
 _READ_COPY_BYTES = 1 << 20  # one read and write of a copy that copy_file_range cannot do
 
 
+# The whiteout every new whiteout is a hard link of, as the kernel keeps one in work/.
+SHARED_WHITEOUT = b"whiteout"
+
+
 class Workdir:
     """``<workdir>/work``: scratch space on the upper filesystem, emptied at mount."""
 
@@ -65,6 +69,11 @@ class Workdir:
             os.unlink(name, dir_fd=self.fd)
 
     def close(self) -> None:
+        """Unmount: drop the shared whiteout too, so work/ is left empty."""
+        try:
+            os.unlink(SHARED_WHITEOUT, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
         os.close(self.fd)
 
 

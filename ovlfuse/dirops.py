@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 
 import pyfuse3
 
-from ovlfuse.copyup import CopyUp, Workdir
+from ovlfuse.copyup import SHARED_WHITEOUT, CopyUp, Workdir
 from ovlfuse.layers import LayerStack
 from ovlfuse.markers import (
     WH_PREFIX,
@@ -71,6 +71,8 @@ class DirOps:
         self.namei = namei
         self.copyup = copyup
         self.work = work
+        self.share_whiteouts = True
+        self.shared_whiteout = False  # work/ is emptied at mount
 
     @functools.cached_property
     def device_whiteouts(self) -> bool:
@@ -205,10 +207,32 @@ class DirOps:
             if _lstat(self.work.fd, tmp) is not None:
                 self.work.remove(tmp)
 
+    def _linked_whiteout(self, dirfd: int, name: bytes) -> None:
+        """A whiteout made the kernel's way: a link of one shared whiteout in work/, no inode each.
+
+        Where a link fails, the shared whiteout itself becomes this one (so a
+        lower name can still be removed when the upper is out of inodes), and
+        a failure other than too many links ends the sharing for this mount.
+        """
+        work = self.work.fd
+        if not self.shared_whiteout:
+            make_whiteout(work, SHARED_WHITEOUT)
+            self.shared_whiteout = True
+        if self.share_whiteouts:
+            try:
+                os.link(SHARED_WHITEOUT, name, src_dir_fd=work, dst_dir_fd=dirfd, follow_symlinks=False)
+                return
+            except OSError as e:
+                if e.errno != errno.EMLINK:
+                    log.warning("whiteouts are no longer shared: %s", os.strerror(e.errno or errno.EIO))
+                    self.share_whiteouts = False
+        os.rename(SHARED_WHITEOUT, name, src_dir_fd=work, dst_dir_fd=dirfd)
+        self.shared_whiteout = False
+
     def _whiteout_over(self, upper_parent: int, name: bytes, exchange: bool) -> None:
         """Put a whiteout at ``name``: renamed over a file, exchanged with a directory, or new."""
         if self.device_whiteouts:
-            self._swap_in(make_whiteout, upper_parent, name, exchange)
+            self._swap_in(self._linked_whiteout, upper_parent, name, exchange)
             return
         make_whiteout_file(upper_parent, name)  # first: until the object goes, it is still what shows
         old = _lstat(upper_parent, name)
