@@ -37,6 +37,22 @@ _READ_COPY_BYTES = 1 << 20  # one read and write of a copy that copy_file_range 
 SHARED_WHITEOUT = b"whiteout"
 
 
+def _open_up(base: int) -> None:
+    """Give ``work`` back to its unprivileged owner: a kernel mount in a user namespace leaves it at mode 0."""
+    if os.geteuid() == 0:
+        return
+    try:
+        fd = open_beneath(base, b"work", os.O_PATH | os.O_DIRECTORY)
+    except OSError:
+        return  # not a directory of its own: the open that follows says so
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700:
+            os.chmod(f"/proc/self/fd/{fd}", 0o700)
+    finally:
+        os.close(fd)
+
+
 class Workdir:
     """``<workdir>/work``: scratch space on the upper filesystem, emptied at mount."""
 
@@ -46,7 +62,7 @@ class Workdir:
             try:
                 os.mkdir("work", 0o700, dir_fd=base)  # the kernel's mode 0 would lock out an unprivileged daemon
             except FileExistsError:
-                pass
+                _open_up(base)
             self.fd = open_beneath(base, b"work", os.O_RDONLY | os.O_DIRECTORY)
         finally:
             os.close(base)

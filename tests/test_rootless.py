@@ -215,10 +215,34 @@ def test_ordinary_user_writes_an_upper_dir_the_kernel_reads_with_userxattr(usern
     assert _upper_census(layers.upper) == EXPECTED_UPPER
     assert os.getxattr(f"{layers.upper}/keep", "user.color") == b"blue"
     assert os.listdir(layers.work) == ["work"] and os.listdir(f"{layers.work}/work") == []
-    kernel = _snapshot_in_user_namespace(
-        user, mnt, f"mount -t overlay overlay -o userxattr,lowerdir={':'.join(layers.lowers)},"
-                   f"upperdir={layers.upper},workdir={layers.work} {mnt} && ")
+    kernel = _snapshot_in_user_namespace(user, mnt, _kernel_mount(layers, mnt))
     assert differences(kernel, ours) == []
+
+
+def test_ordinary_user_reads_the_upper_dir_the_kernel_wrote_with_userxattr(userns_user):
+    """The other way round: the user's kernel mount makes the changes, ovlfuse shows what that mount showed."""
+    user = userns_user
+    base_dir = os.path.join(user.home, "kernel-wrote")
+    layers = _dir_layers(base_dir)
+    user.own(base_dir)
+    mnt, pid_file = os.path.join(base_dir, "mnt"), os.path.join(base_dir, "ovlfuse.pid")
+    os.mkdir(mnt)
+    user.own(mnt)
+    kernel = _snapshot_in_user_namespace(user, mnt, f"{_kernel_mount(layers, mnt)}(cd {mnt}\n{CHANGES}) && ")
+    assert _upper_census(layers.upper) == EXPECTED_UPPER
+    try:
+        mounted = user.run("--pid-file", pid_file, *layers.mount_args, mnt)
+        assert mounted.returncode == 0, mounted.stderr
+        ours = _snapshot_in_user_namespace(user, mnt)
+    finally:
+        _end_daemon(user, mnt, pid_file)
+    assert differences(kernel, ours) == []
+
+
+def _kernel_mount(layers: Layers, mnt: str) -> str:
+    """The shell command that mounts the kernel's overlay of ``layers`` as an ordinary user may."""
+    return (f"mount -t overlay overlay -o userxattr,lowerdir={':'.join(layers.lowers)},"
+            f"upperdir={layers.upper},workdir={layers.work} {mnt} && ")
 
 
 def test_a_store_the_user_may_not_read_is_a_clear_error(user):
