@@ -7,7 +7,8 @@ upper dir must then hold only the kernel's unprivileged forms: char 0:0
 whiteouts and ``user.overlay.opaque=y``, no ``trusted.*`` xattr and no file of
 ovlfuse's own.  The same user then mounts the kernel's overlay on the same
 layers and upper dir inside ``unshare -Urm`` with ``-o userxattr``, and that
-view must equal the one ovlfuse showed.  Both views are read from inside a
+view must equal the one ovlfuse showed; and the other way round, ovlfuse
+shows what the user's kernel mount wrote.  Both views are read from inside a
 user namespace, so owners map the same way in each.
 """
 
