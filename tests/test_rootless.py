@@ -218,6 +218,8 @@ def test_ordinary_user_writes_an_upper_dir_the_kernel_reads_with_userxattr(usern
     assert os.listdir(layers.work) == ["work"] and os.listdir(f"{layers.work}/work") == []
     kernel = _snapshot_in_user_namespace(user, mnt, _kernel_mount(layers, mnt))
     assert differences(kernel, ours) == []
+    verified = user.run("verify", *layers.mount_args)  # the user's verify: in a user namespace, with userxattr
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_ordinary_user_reads_the_upper_dir_the_kernel_wrote_with_userxattr(userns_user):
