@@ -68,6 +68,7 @@ def chain_id(diff_ids: list[str]) -> str:
 
 
 def docker_container(docker_root: str, name: str) -> EngineLayer | None:
+    """A Docker container's read-write layer (the ``mount-id`` dockerd recorded for it)."""
     containers = os.path.join(docker_root, "containers")
     try:
         ids = os.listdir(containers)
@@ -109,6 +110,7 @@ def _docker_image_id(image_dir: str, name: str) -> str | None:
 
 
 def docker_image(docker_root: str, name: str) -> EngineLayer | None:
+    """A Docker image's topmost layer: the ``cache-id`` of the chain of its config's diff ids."""
     image_dir = os.path.join(docker_root, "image", "overlay2")
     image_id = _docker_image_id(image_dir, name)
     if image_id is None:
