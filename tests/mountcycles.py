@@ -9,8 +9,10 @@ emptied between cycles, so every cycle does the same work.
 
     python mountcycles.py STORE_ROOT LAYER_ID MOUNTPOINT CYCLES WARMUP
 
-prints one JSON object: fd count and VmRSS after WARMUP cycles and at the end,
-VmHWM, threads, and the number of cycles whose writes were read back intact.
+prints one JSON object: the fd count, VmRSS and thread count sampled from
+cycle WARMUP on, VmHWM, how often an unmount was retried because another
+process held the mount busy, and the number of cycles whose writes read back
+intact.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -43,26 +46,45 @@ def status_field(field: str) -> int:
 
 def _write_once(mnt: str, cycle: int) -> bool:
     """One cycle's writes through the mount; True when everything read back as written."""
+    data = f"cycle {cycle}\n".encode() * 100
+    with open(os.path.join(mnt, "lower.txt"), "ab") as f:  # copy-up: the upper dir is empty
+        f.write(data)
+    with open(os.path.join(mnt, "new.txt"), "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    os.unlink(os.path.join(mnt, "gone.txt"))  # a whiteout over a lower file
+    with open(os.path.join(mnt, "new.txt"), "rb") as f:
+        new_ok = f.read() == data
+    with open(os.path.join(mnt, "lower.txt"), "rb") as f:
+        lower_ok = f.read() == b"lower\n" + data
+    return new_ok and lower_ok and not os.path.lexists(os.path.join(mnt, "gone.txt"))
+
+
+def _unmount(mnt: str, busy: list[int]) -> bool:
+    """``fusermount3 -u``, retried while another process briefly holds the mount busy (counted in ``busy``)."""
+    for _ in range(100):
+        if subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode == 0:
+            return True
+        busy[0] += 1
+        time.sleep(0.05)
+    return False
+
+
+def _cycle(mnt: str, cycle: int, busy: list[int]) -> bool:
+    """Wait for the mount, write, unmount; if unmounting fails, SIGTERM makes ``serve`` return anyway."""
     deadline = time.monotonic() + 30
     while mnt not in mount_points():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.002)
-    data = f"cycle {cycle}\n".encode() * 100
     try:
-        with open(os.path.join(mnt, "lower.txt"), "ab") as f:  # copy-up: the upper dir is empty
-            f.write(data)
-        with open(os.path.join(mnt, "new.txt"), "wb") as f:
-            f.write(data)
-            os.fsync(f.fileno())
-        os.unlink(os.path.join(mnt, "gone.txt"))  # a whiteout over a lower file
-        with open(os.path.join(mnt, "new.txt"), "rb") as f:
-            new_ok = f.read() == data
-        with open(os.path.join(mnt, "lower.txt"), "rb") as f:
-            lower_ok = f.read() == b"lower\n" + data
-        return new_ok and lower_ok and not os.path.lexists(os.path.join(mnt, "gone.txt"))
-    finally:
-        subprocess.run(["fusermount3", "-u", mnt], check=True)
+        ok = _write_once(mnt, cycle)
+    except OSError:
+        ok = False
+    if not _unmount(mnt, busy):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return False
+    return ok
 
 
 def _empty(directory: str) -> None:
@@ -80,10 +102,11 @@ def run(root: str, layer: str, mnt: str, cycles: int, warmup: int) -> dict[str, 
     intact = 0
     step = max(1, (cycles - warmup) // 10)
     samples: list[dict[str, int]] = []
+    busy = [0]  # unmounts retried because the mount was busy
     for cycle in range(1, cycles + 1):
         _empty(plan.upper)
         result: list[bool] = []
-        writer = threading.Thread(target=lambda: result.append(_write_once(mnt, cycle)))
+        writer = threading.Thread(target=lambda: result.append(_cycle(mnt, cycle, busy)))
         writer.start()
         status = serve(plan, mnt, ServeOptions(foreground=True))
         writer.join()
@@ -92,8 +115,8 @@ def run(root: str, layer: str, mnt: str, cycles: int, warmup: int) -> dict[str, 
             gc.collect()
             samples.append({"cycle": cycle, "fds": fd_count(), "rss_kb": status_field("VmRSS"),
                             "threads": status_field("Threads")})
-    return {"cycles": cycles, "intact": intact, "hwm_kb": status_field("VmHWM"), "samples": samples}
-    return report
+    return {"cycles": cycles, "intact": intact, "busy_retries": busy[0], "hwm_kb": status_field("VmHWM"),
+            "samples": samples}
 
 
 if __name__ == "__main__":
