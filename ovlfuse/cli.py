@@ -44,7 +44,8 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docker-root", default=None, metavar="DIR",
                         help="Docker's data root, for container and image names (default /var/lib/docker)")
     parser.add_argument("--storage-root", default=None, metavar="DIR",
-                        help="containers/storage root, for podman names (default /var/lib/containers/storage)")
+                        help="containers/storage root, for podman names (default /var/lib/containers/storage, "
+                             "or ~/.local/share/containers/storage for an ordinary user)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,7 +98,7 @@ def _plan_from_names(ns: argparse.Namespace, read_only: bool):
     from ovlfuse.store import DEFAULT_ROOT, LayerNotFound, plan_from_store
 
     docker_root = ns.docker_root or engines.DOCKER_ROOT
-    storage_root = ns.storage_root or engines.STORAGE_ROOT
+    storage_root = ns.storage_root or engines.default_storage_root()
     root = (ns.root or os.environ.get("OVLFUSE_ROOT")
             or (os.path.join(ns.docker_root, "overlay2") if ns.docker_root else None)
             or (os.path.join(ns.storage_root, "overlay") if ns.storage_root else None)

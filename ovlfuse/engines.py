@@ -15,10 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 DOCKER_ROOT = "/var/lib/docker"
 STORAGE_ROOT = "/var/lib/containers/storage"
+
+
+def default_storage_root() -> str:
+    """containers/storage's own default: the system store for root, the user's store otherwise."""
+    if os.geteuid() == 0:
+        return STORAGE_ROOT
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "containers", "storage")
+
 _REGISTRY_PREFIXES = ("docker.io/library/", "docker.io/", "localhost/")
 
 
@@ -136,16 +146,23 @@ def storage_layer(storage_root: str, name: str) -> EngineLayer | None:
     )
     layers = _load(os.path.join(storage_root, "overlay-layers", "layers.json")) or []
     parents = {layer.get("parent") for layer in layers}
-    for path, kind, read_only in records:
-        for record in _load(os.path.join(storage_root, path)) or []:
-            rid = str(record.get("id", ""))
-            names = set(record.get("names") or [])
-            if rid == name or (len(name) >= 12 and rid.startswith(name)) or names & _image_names(name):
-                layer = rid if kind == "layer" else record.get("layer")
-                if not layer:
-                    return None
-                ro = layer in parents if read_only is None else read_only
-                return EngineLayer(store, layer, ro, f"containers/storage {kind} {name}")
+    loaded = [(kind, read_only, _load(os.path.join(storage_root, path)) or []) for path, kind, read_only in records]
+    wanted = _image_names(name)
+    # as containers/storage looks a name up: a full id, then a name, then an id prefix
+    matches: tuple[Callable[[str, set[str]], bool], ...] = (
+        lambda rid, names: rid == name,
+        lambda rid, names: bool(names & wanted),
+        lambda rid, names: len(name) >= 12 and rid.startswith(name),
+    )
+    for match in matches:
+        for kind, read_only, found in loaded:
+            for record in found:
+                if match(str(record.get("id", "")), set(record.get("names") or [])):
+                    layer = record.get("id") if kind == "layer" else record.get("layer")
+                    if not layer:
+                        return None
+                    ro = layer in parents if read_only is None else read_only
+                    return EngineLayer(store, layer, ro, f"containers/storage {kind} {name}")
     return None
 
 

@@ -79,16 +79,31 @@ def test_containers_storage_names(tmp_path):
           [{"id": layer.id, "parent": below.id if below else "", "names": [f"layer-{i}"]}
            for i, (layer, below) in enumerate(zip(chain, [None] + chain[:-1]))])
     _dump(str(root / "overlay-images" / "images.json"),
-          [{"id": "f" * 64, "names": ["localhost/myimage:v1"], "layer": store.image_top.id}])
+          [{"id": "f" * 64, "names": ["localhost/myimage:v1"], "layer": store.image_top.id},
+           {"id": "d" * 64, "names": ["localhost/" + "e" * 12 + ":latest"], "layer": store.image_top.id}])
     _dump(str(root / "overlay-containers" / "containers.json"),
           [{"id": "e" * 64, "names": ["podc"], "layer": store.top.id}])
     mnt = str(tmp_path / "mnt")
     os.mkdir(mnt)
     top = _view(["--root", str(root / "overlay"), store.top.id, mnt], mnt)
     image = _view(["--root", str(root / "overlay"), "--read-only", store.image_top.id, mnt], mnt)
-    for name, expected in (("podc", top), ("e" * 12, top), ("myimage:v1", image), ("localhost/myimage:v1", image),
-                           (f"layer-{len(chain) - 2}", image)):
+    # a full id, then a name, then an id prefix: "eeeeeeeeeeee" names an image before it prefixes the container
+    for name, expected in (("podc", top), ("e" * 13, top), ("e" * 12, image), ("myimage:v1", image),
+                           ("localhost/myimage:v1", image), (f"layer-{len(chain) - 2}", image)):
         assert differences(expected, _view(["--storage-root", str(root), name, mnt], mnt)) == [], name
+
+
+def test_ordinary_users_default_storage_root(monkeypatch):
+    """An ordinary user's podman keeps its store under the user's data dir, as containers/storage does."""
+    from ovlfuse import engines
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.data")
+    assert engines.default_storage_root() == "/home/u/.data/containers/storage"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", "/home/u")
+    assert engines.default_storage_root() == "/home/u/.local/share/containers/storage"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert engines.default_storage_root() == "/var/lib/containers/storage"
 
 
 def test_unknown_name_says_where_it_looked(docker, tmp_path):
