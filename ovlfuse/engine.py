@@ -373,6 +373,7 @@ class MergeEngine:
         node = self.nodes.find(entry.ino)
         if entry.st.st_nlink <= 1:
             self.stack.copied_inos.pop(entry.st.st_ino, None)
+            self.nodes.retire(entry.ino)
         elif node is not None and node.entry.path == entry.path:
             # the node's entry may be another object for this name (moved with a directory, or rebuilt)
             other = self.namei.find_ino(entry.ino, entry)
@@ -384,6 +385,7 @@ class MergeEngine:
         async with self._lock:
             parent = self._directory_now(parent_ino)
             with _errno():
+                inode.refresh(ops.existing(parent, name))  # its link count tells whether the object goes
                 self._unlinked(ops.unlink(parent, name))
             self._settle()
 
@@ -392,7 +394,10 @@ class MergeEngine:
         async with self._lock:
             parent = self._directory_now(parent_ino)
             with _errno():
-                ops.rmdir(parent, name)
+                removed = ops.rmdir(parent, name)
+            if removed.layer.is_upper:
+                self.stack.copied_inos.pop(removed.st.st_ino, None)
+            self.nodes.retire(removed.ino)
             self._settle()
 
     async def rename(self, p1_ino: int, n1: bytes, p2_ino: int, n2: bytes, flags: int) -> None:
@@ -408,12 +413,17 @@ class MergeEngine:
                     replaced = None
                 else:
                     old_path = ops.existing(p1, n1).path
+                    victim = self.namei.lookup(p2, n2)
+                    if victim is not None:
+                        inode.refresh(victim)  # its link count tells whether the object goes
                     src, replaced = await ops.rename(p1, n1, p2, n2, flags, self._copy_up)
                     moves = [(src, old_path)]
             self._settle()
             self._moved(moves)
             if replaced is not None and not replaced.dirs:
                 self._unlinked(replaced)
+            elif replaced is not None:
+                self.nodes.retire(replaced.ino)
 
     def _moved(self, moves: list[tuple[Entry, bytes]]) -> None:
         """Point moved entries' nodes, and the nodes below moved directories, at the new paths."""

@@ -112,6 +112,7 @@ class NodeTable:
         self.view = view
         self.root = Node(root, nlookup=1)
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self.root}
+        self._generations: dict[int, int] = {}  # numbers whose object went while the kernel held it
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -132,7 +133,20 @@ class NodeTable:
             node.symlink = None  # under a reused inode number: read the target again
         node.nlookup += 1
         refresh(entry)
-        return entry_attributes(entry, self.view)
+        attr = entry_attributes(entry, self.view)
+        attr.generation = self._generations.get(entry.ino, 0)
+        return attr
+
+    def retire(self, ino: int) -> None:
+        """The object reported as ``ino`` is gone: a new object given its number is another inode.
+
+        The upper filesystem hands a freed inode number to its next object.  If
+        the kernel still holds the old inode, a new generation makes it drop
+        that inode instead of taking the new object for it (the kernel's own
+        overlay pins upper inodes, so it never sees a number reused).
+        """
+        if ino in self._nodes:
+            self._generations[ino] = self._generations.get(ino, 0) + 1
 
     def find(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
@@ -147,6 +161,7 @@ class NodeTable:
         node.nlookup -= count
         if node.nlookup <= 0:
             del self._nodes[ino]
+            self._generations.pop(ino, None)  # the kernel holds no inode of this number any more
 
 
 def _parent_fd(entry: Entry) -> int:

@@ -956,7 +956,9 @@ def test_new_symlink_under_a_reused_inode_number(tmp_path):
 
     The upper filesystem hands a freed inode number to the next new object;
     while the kernel still holds the old node (an O_PATH descriptor here, the
-    load test's concurrency there), the new symlink is served by that node.
+    load test's concurrency there), the new object must not be served as that
+    inode: it comes with a new generation, and the old inode goes bad (EIO)
+    where the kernel's overlay, which pins the upper inode, keeps showing it.
     """
     def fill(diff: str) -> None:
         os.mkdir(f"{diff}/d")
@@ -974,10 +976,15 @@ def test_new_symlink_under_a_reused_inode_number(tmp_path):
                 held = os.open(f"{d}/d/old", os.O_PATH | os.O_NOFOLLOW)
                 old_ino = os.fstat(held).st_ino
                 os.unlink(f"{d}/d/old")
-                os.symlink(f"new-{i}", f"{d}/d/new")
+                os.symlink(f"new-target-{i}", f"{d}/d/new")
                 reused += os.lstat(f"{d}/d/new").st_ino == old_ino
-                if os.readlink(f"{d}/d/new") != f"new-{i}":
+                if os.readlink(f"{d}/d/new") != f"new-target-{i}":
                     mismatches.append(i)
+                try:  # the old inode: its attributes (the kernel) or EIO (ovlfuse), never the new one's
+                    if os.fstat(held).st_size == len(f"new-target-{i}"):
+                        mismatches.append(f"held {i}")
+                except OSError as e:
+                    assert e.errno == errno.EIO, e
                 os.unlink(f"{d}/d/new")
                 os.close(held)
             wrong[fs] = mismatches
