@@ -210,7 +210,9 @@ class CopyUp:
         tmp = self.work.tmpname()
         try:
             os.mkdir(tmp, 0o700, dir_fd=self.work.fd)
-            src = open_beneath(directory.layer.fd, directory.path, os.O_RDONLY | os.O_DIRECTORY)
+            # O_PATH: the copy needs the directory's metadata only, and a directory with a bad
+            # block in its listing may not open for reading at all
+            src = open_beneath(directory.layer.fd, directory.path, os.O_PATH | os.O_DIRECTORY)
             try:
                 st = os.fstat(src)
                 copy_metadata(st, src, None, self.work.fd, tmp, stored_attributes(directory),

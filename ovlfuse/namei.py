@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ovlfuse import origin
@@ -96,59 +98,63 @@ class _Build:
         self.closed: set[bytes] = set()  # directory chains that no longer merge
         self.second_part_ino: dict[bytes, int] = {}  # real inode of a merged dir's second part
 
-    def add_layer(self, layer: Layer) -> bool:
-        """Merge one layer's part of the directory; return False if it is opaque (stop)."""
+    def add_layer(self, layer: Layer, only: bytes | None = None) -> bool:
+        """Merge one layer's part of the directory (or just the name ``only``); False if it is opaque (stop)."""
+        # O_PATH for single names: a directory whose listing fails may not open for reading at all
+        flags = os.O_DIRECTORY | (os.O_RDONLY if only is None else os.O_PATH)
         try:
-            fd = open_beneath(layer.fd, self.path, os.O_RDONLY | os.O_DIRECTORY)
+            fd = open_beneath(layer.fd, self.path, flags)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return True  # the part vanished; nothing to merge from this layer
             raise
         try:
-            return self._merge_listing(layer, fd)
+            if only is not None:
+                return self._merge_listing(layer, fd, _probe(fd, only))
+            with os.scandir(fd) as listing:
+                return self._merge_listing(layer, fd, listing)
         finally:
             os.close(fd)
 
-    def _merge_listing(self, layer: Layer, fd: int) -> bool:
+    def _merge_listing(self, layer: Layer, fd: int, listing: Iterable[os.DirEntry | _Probe]) -> bool:
         marker = opaque_value(fd)
         opaque = marker == b"y" and not self.is_root
         xattr_whiteouts = marker == b"x" and not layer.is_upper
         whiteouts: list[bytes] = []
         entries, hidden, closed = self.entries, self.hidden, self.closed
-        with os.scandir(fd) as listing:
-            for de in listing:
-                name = os.fsencode(de.name)
-                if name.startswith(WH_PREFIX):
-                    if name == OPAQUE_FILE:
-                        opaque = opaque or not self.is_root
-                    else:
-                        whiteouts.append(name[len(WH_PREFIX):])
-                    continue
-                if name in hidden:
-                    continue
-                is_dir = de.is_dir(follow_symlinks=False)
-                known = entries.get(name)
-                if known is not None:
-                    if name not in closed:
-                        if is_dir:
-                            if len(known.dirs) == 1:
-                                self.second_part_ino[name] = de.inode()
-                            known.dirs += (layer,)
-                        else:  # a whiteout or non-directory below a directory ends its chain
-                            closed.add(name)
-                    continue
-                st = de.stat(follow_symlinks=False)
-                if not is_dir:
-                    if is_device_whiteout(st) or (xattr_whiteouts and is_xattr_whiteout(fd, name, st)):
-                        whiteouts.append(name)
-                        continue
-                    closed.add(name)
-                    entry = entries[name] = Entry(child_path(self.path, name), layer, st)
-                    if layer.is_upper:  # a copy-up keeps its lower number (0: none)
-                        entry.ino = (self.stack.copied_inos.get(st.st_ino)
-                                     or origin.lower_ino(self.stack, fd, name, st) or 0)
+        for de in listing:
+            name = os.fsencode(de.name)
+            if name.startswith(WH_PREFIX):
+                if name == OPAQUE_FILE:
+                    opaque = opaque or not self.is_root
                 else:
-                    entries[name] = Entry(child_path(self.path, name), layer, st, dirs=(layer,))
+                    whiteouts.append(name[len(WH_PREFIX):])
+                continue
+            if name in hidden:
+                continue
+            is_dir = de.is_dir(follow_symlinks=False)
+            known = entries.get(name)
+            if known is not None:
+                if name not in closed:
+                    if is_dir:
+                        if len(known.dirs) == 1:
+                            self.second_part_ino[name] = de.inode()
+                        known.dirs += (layer,)
+                    else:  # a whiteout or non-directory below a directory ends its chain
+                        closed.add(name)
+                continue
+            st = de.stat(follow_symlinks=False)
+            if not is_dir:
+                if is_device_whiteout(st) or (xattr_whiteouts and is_xattr_whiteout(fd, name, st)):
+                    whiteouts.append(name)
+                    continue
+                closed.add(name)
+                entry = entries[name] = Entry(child_path(self.path, name), layer, st)
+                if layer.is_upper:  # a copy-up keeps its lower number (0: none)
+                    entry.ino = (self.stack.copied_inos.get(st.st_ino)
+                                 or origin.lower_ino(self.stack, fd, name, st) or 0)
+            else:
+                entries[name] = Entry(child_path(self.path, name), layer, st, dirs=(layer,))
         for name in whiteouts:
             if name in entries:
                 closed.add(name)
@@ -183,6 +189,38 @@ class _Build:
         return self.entries
 
 
+class _Probe:
+    """One name of a directory found by lstat, standing in for a listing's DirEntry."""
+
+    __slots__ = ("name", "_st")
+
+    def __init__(self, name: bytes, st: os.stat_result) -> None:
+        self.name = os.fsdecode(name)
+        self._st = st
+
+    def is_dir(self, follow_symlinks: bool = False) -> bool:
+        return stat.S_ISDIR(self._st.st_mode)
+
+    def stat(self, follow_symlinks: bool = False) -> os.stat_result:
+        return self._st
+
+    def inode(self) -> int:
+        return self._st.st_ino
+
+
+def _probe(fd: int, name: bytes) -> list[_Probe]:
+    """What a listing of ``fd`` would say about ``name``: the name, its OCI whiteout, the OCI opaque marker."""
+    found = []
+    for candidate in (name, WH_PREFIX + name, OPAQUE_FILE):
+        if len(candidate) > NAME_MAX:
+            continue
+        try:
+            found.append(_Probe(candidate, os.stat(candidate, dir_fd=fd, follow_symlinks=False)))
+        except FileNotFoundError:
+            pass
+    return found
+
+
 def _is_opaque_dir(parent_fd: int, name: bytes) -> bool:
     if opaque_value(parent_fd, name) == b"y":
         return True
@@ -200,6 +238,19 @@ def build_index(stack: LayerStack, directory: Entry, is_root: bool) -> dict[byte
         if not build.add_layer(layer):
             break
     return build.finish()
+
+
+def lookup_one(stack: LayerStack, directory: Entry, name: bytes, is_root: bool) -> Entry | None:
+    """``name`` merged from an lstat in each part, for a directory that cannot be listed.
+
+    A bad block can fail a layer's listing while single names are still
+    found, as the kernel's overlay finds them; the same merge rules apply.
+    """
+    build = _Build(stack, directory.path, is_root)
+    for layer in directory.dirs:
+        if not build.add_layer(layer, name):
+            break
+    return build.finish().get(name)
 
 
 def root_entry(stack: LayerStack) -> Entry:
@@ -234,10 +285,13 @@ class Namei:
 
     def parent(self, directory: Entry) -> Entry:
         """The entry of ``directory``'s parent (the root is its own parent)."""
-        entry = self.root
+        entry: Entry | None = self.root
         if b"/" in directory.path:
             for name in directory.parent_path().split(b"/"):
-                entry = self.index(entry)[name]
+                assert entry is not None
+                entry = self.child(entry, name)
+        if entry is None:
+            raise KeyError(directory.path)
         return entry
 
     def drop(self, path: bytes, subtree: bool = False) -> None:
@@ -276,8 +330,17 @@ class Namei:
         for name in path.split(b"/") if path else ():
             if entry is None or not entry.dirs:
                 return None
-            entry = self.index(entry).get(name)
+            entry = self.child(entry, name)
         return entry
+
+    def child(self, directory: Entry, name: bytes) -> Entry | None:
+        """``name`` in ``directory``: from its index, or probed alone where the directory cannot be listed."""
+        try:
+            return self.index(directory).get(name)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            return lookup_one(self.stack, directory, name, directory is self.root)
 
     def lookup(self, directory: Entry, name: bytes) -> Entry | None:
         """The entry for ``name`` in ``directory``, or None if the merged view has no such name."""
@@ -285,4 +348,4 @@ class Namei:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if name.startswith(WH_PREFIX):
             return None  # markers are never names of the merged view
-        return self.index(directory).get(name)
+        return self.child(directory, name)
