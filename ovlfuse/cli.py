@@ -117,6 +117,7 @@ def _plan_from_names(ns: argparse.Namespace, read_only: bool):
 def _mount(argv: list[str]) -> int:
     from ovlfuse.daemon import ServeOptions, serve
     from ovlfuse.inode import View
+    from ovlfuse.layers import in_user_namespace
     from ovlfuse.store import check_upper_free
 
     parser = _parser()
@@ -127,7 +128,9 @@ def _mount(argv: list[str]) -> int:
     serve_opts = ServeOptions(
         foreground=ns.foreground or (ns.debug and not ns.log_file),
         debug=ns.debug,
-        allow_other=opts.allow_other or (opts.shows_other_owners and os.geteuid() == 0),
+        # In a user namespace (a rootless podman's) allow_other admits only its processes: its root
+        # gives it to the container's other users, as fuse-overlayfs does.
+        allow_other=opts.allow_other or (os.geteuid() == 0 and (opts.shows_other_owners or in_user_namespace())),
         read_only=opts.read_only or ns.read_only,
         userxattr=opts.userxattr,
         vfs_flags=opts.vfs_flags,

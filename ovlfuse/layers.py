@@ -20,6 +20,15 @@ from ovlfuse.safeio import fd_path, get_xattr
 _XINO_SHIFT = 48
 
 
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace other than the initial one (which maps every id to itself)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Layer:
     index: int  # 0 is the topmost layer
@@ -44,8 +53,9 @@ class LayerStack:
         self._samefs = len(devs) == 1
         # upper inode -> number reported since its copy-up (the origin record persists it)
         self.copied_inos: dict[int, int] = {}
-        # Opaque markers in ``user.`` (as the kernel reads with -o userxattr) when not root.
-        self.userxattr = os.geteuid() != 0
+        # Opaque markers in ``user.`` (as the kernel reads with -o userxattr) when not root, or root
+        # of a user namespace (a rootless podman's), where trusted.* cannot be set (EPERM).
+        self.userxattr = os.geteuid() != 0 or in_user_namespace()
 
     @property
     def upper(self) -> Layer | None:
