@@ -277,3 +277,29 @@ def test_a_rootless_build_gives_the_kernels_image(sides):
     assert [p for p in tree if p.startswith("data/sub/")] == ["data/sub/h"]
     assert [p for p in tree if p.startswith("opt/x/")] == ["opt/x/two"]
     assert not any(p.startswith("opt/tree/") for p in tree) and "bin/vi" not in tree and "data/keep" not in tree
+
+
+def test_a_saved_and_loaded_image_shows_the_tree_it_was_built_with(sides):
+    """``podman load`` with a mount program keeps a layer's OCI whiteouts as ``.wh.NAME`` files, which ovlfuse reads."""
+    side = sides["ovlfuse"]
+    context = Path(side.user.home) / "reloaded"
+    context.mkdir()
+    (context / "Containerfile").write_text(CONTAINERFILE)
+    side.user.own(str(context))
+    archive = os.path.join(side.tmp, "image.tar")
+    trees = []
+    for step in ("built", "loaded"):
+        if step == "built":
+            side("build", "--network=none", "--pull=never", *_ulimits(), "-t", "localhost/reloaded", str(context))
+        else:
+            side("save", "-o", archive, "localhost/reloaded")
+            side("rmi", "-af")
+            side("load", "-i", archive)
+        side("create", "--name", "reloaded", "localhost/reloaded", "true")
+        trees.append(_tree(side.export("reloaded")))
+        side("rm", "reloaded")
+    markers = [p for p in Path(side.root, "overlay").glob("*/diff/**/.wh.*")]
+    # The layers' own diffs (two mounted trees compared) name each removed file: .wh.keep, .wh.f, ...
+    assert {p.name for p in markers} >= {".wh.keep", ".wh.vi", ".wh.f", ".wh.deeper"}
+    assert _differences(trees[1], trees[0]) == []
+    assert [p for p in trees[1] if p.startswith("data/sub/")] == ["data/sub/h"]
