@@ -569,10 +569,15 @@ def _machine(whiteout_files: bool = False):
             super().__init__()
             self.tmp = tempfile.mkdtemp(prefix="ovlfuse-hyp.")
             self.mounts = contextlib.ExitStack()
-            kernel, ours, kmnt, omnt = make_pair(pathlib.Path(self.tmp))
-            started = time.time_ns()
-            self.mounts.enter_context(kernel_view(kernel, kmnt))
-            self.mounts.enter_context(ovlfuse_mount(_mount_args(ours, omnt), omnt, command=command))
+            try:  # teardown() runs only once __init__ has returned
+                kernel, ours, kmnt, omnt = make_pair(pathlib.Path(self.tmp))
+                started = time.time_ns()
+                self.mounts.enter_context(kernel_view(kernel, kmnt))
+                self.mounts.enter_context(ovlfuse_mount(_mount_args(ours, omnt), omnt, command=command))
+            except BaseException:
+                self.mounts.close()
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
             self.pair = Pair(kernel, ours, kmnt, omnt, started)
             self.steps = 0
 
