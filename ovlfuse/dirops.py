@@ -30,7 +30,6 @@ from ovlfuse.copyup import SHARED_WHITEOUT, CopyUp, Workdir
 from ovlfuse.layers import LayerStack
 from ovlfuse.markers import (
     WH_PREFIX,
-    device_whiteouts_work,
     is_device_whiteout,
     is_xattr_whiteout,
     make_whiteout,
@@ -38,8 +37,10 @@ from ovlfuse.markers import (
     opaque_value,
     remove_whiteout_file,
     set_opaque,
+    try_make_whiteout,
+    whiteout_file_exists,
 )
-from ovlfuse.namei import NAME_MAX, Entry, Namei, child_path
+from ovlfuse.namei import Entry, Namei, child_path
 from ovlfuse.safeio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -72,12 +73,16 @@ class DirOps:
         self.copyup = copyup
         self.work = work
         self.share_whiteouts = True
-        self.shared_whiteout = False  # work/ is emptied at mount
+        self.shared_whiteout = False  # whether work/ holds it now (work/ is emptied at mount)
 
     @functools.cached_property
     def device_whiteouts(self) -> bool:
-        """Whether whiteouts can be char 0:0 devices; found out at the first change, so a mount alone writes nothing."""
-        works = device_whiteouts_work(self.work.fd, self.work.tmpname())
+        """Whether whiteouts can be char 0:0 devices.
+
+        Found out at the first change, so a mount alone writes nothing, by
+        making the shared whiteout that later whiteouts are links of.
+        """
+        works = self.shared_whiteout = try_make_whiteout(self.work.fd, SHARED_WHITEOUT)
         if not works:
             log.warning("char 0:0 whiteouts cannot be made on the upper filesystem; writing .wh. files "
                         "instead, which the kernel's overlay does not read")
@@ -103,8 +108,7 @@ class DirOps:
             try:
                 st = _lstat(fd, name)
                 if st is None:
-                    marker = WH_PREFIX + name  # cannot exist for a name within 4 bytes of NAME_MAX
-                    if len(marker) <= NAME_MAX and _lstat(fd, marker) is not None:
+                    if whiteout_file_exists(fd, name):
                         return False
                     continue
                 if is_device_whiteout(st):
@@ -155,8 +159,7 @@ class DirOps:
         upper_parent = self.copyup.upper_dir(parent)
         try:
             old = _lstat(upper_parent, name)
-            marker = (not self.device_whiteouts and len(WH_PREFIX + name) <= NAME_MAX
-                      and _lstat(upper_parent, WH_PREFIX + name) is not None)
+            marker = not self.device_whiteouts and whiteout_file_exists(upper_parent, name)
             if old is None and not marker:
                 build(upper_parent, name)
             else:  # over a whiteout: build a copy aside, then move it in
@@ -379,8 +382,7 @@ class DirOps:
             if src_below:
                 make_whiteout_file(up1, n1)  # the old name shows the object until it moves
             os.rename(n1, n2, src_dir_fd=up1, dst_dir_fd=up2)
-            if len(WH_PREFIX + n2) <= NAME_MAX:
-                remove_whiteout_file(up2, n2)
+            remove_whiteout_file(up2, n2)
             return
         if not src_below:
             os.rename(n1, n2, src_dir_fd=up1, dst_dir_fd=up2)

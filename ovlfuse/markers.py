@@ -12,6 +12,7 @@ import stat
 
 from ovlfuse.safeio import fd_path, get_xattr
 
+NAME_MAX = 255
 WH_PREFIX = b".wh."
 OPAQUE_FILE = b".wh..wh..opq"
 OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
@@ -89,19 +90,30 @@ def make_whiteout(dirfd: int, name: bytes) -> None:
     os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dirfd)
 
 
-def device_whiteouts_work(dirfd: int, probe: bytes) -> bool:
-    """Whether char 0:0 whiteouts can be made here (tried as ``probe``, then removed).
+def try_make_whiteout(dirfd: int, name: bytes) -> bool:
+    """Make a char 0:0 whiteout; False where the kernel or filesystem refuses one.
 
-    Where they cannot (Linux before 5.8 for an ordinary user, or an upper
-    filesystem without device nodes), the OCI ``.wh.`` files are the fallback.
+    They are refused on Linux before 5.8 for an ordinary user, or on an upper
+    filesystem without device nodes; the OCI ``.wh.`` files are the fallback.
     """
     try:
-        make_whiteout(dirfd, probe)
+        make_whiteout(dirfd, name)
     except OSError as e:
         if e.errno in (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL):
             return False
         raise
-    os.unlink(probe, dir_fd=dirfd)
+    return True
+
+
+def whiteout_file_exists(dirfd: int, name: bytes) -> bool:
+    """Whether ``.wh.NAME`` is in ``dirfd`` (it cannot be, for a name within 4 bytes of NAME_MAX)."""
+    marker = WH_PREFIX + name
+    if len(marker) > NAME_MAX:
+        return False
+    try:
+        os.stat(marker, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
     return True
 
 
@@ -113,6 +125,8 @@ def make_whiteout_file(dirfd: int, name: bytes) -> None:
 
 def remove_whiteout_file(dirfd: int, name: bytes) -> None:
     """Drop ``.wh.NAME`` once NAME itself is in the layer (it would only hide what is already hidden)."""
+    if len(WH_PREFIX + name) > NAME_MAX:
+        return  # no such marker can exist
     try:
         os.unlink(WH_PREFIX + name, dir_fd=dirfd)
     except FileNotFoundError:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ovlfuse import origin
 from ovlfuse.layers import Layer, LayerStack
 from ovlfuse.markers import (
+    NAME_MAX,
     OPAQUE_FILE,
     WH_PREFIX,
     is_device_whiteout,
@@ -38,7 +39,6 @@ from ovlfuse.markers import (
 from ovlfuse.safeio import open_beneath
 from ovlfuse.statoverride import Stored
 
-NAME_MAX = 255
 
 
 class Attrs:
@@ -285,13 +285,13 @@ class Namei:
 
     def parent(self, directory: Entry) -> Entry:
         """The entry of ``directory``'s parent (the root is its own parent)."""
-        entry: Entry | None = self.root
+        entry = self.root
         if b"/" in directory.path:
             for name in directory.parent_path().split(b"/"):
-                assert entry is not None
-                entry = self.child(entry, name)
-        if entry is None:
-            raise KeyError(directory.path)
+                child = self.child(entry, name)
+                if child is None:
+                    raise KeyError(directory.path)
+                entry = child
         return entry
 
     def drop(self, path: bytes, subtree: bool = False) -> None:
