@@ -527,6 +527,19 @@ def _common_prefix(path: Path, flip: bool) -> int:
     return done
 
 
+def _kill_mid_write(lower: Path, upper: Path, work: Path, mnt: Path, name: str, stop: int, flip: bool,
+                    kill_at: int) -> int:
+    """Write ``stop`` chunks to ``name`` through a mount, kill -9 the daemon after ``kill_at``; the bytes acknowledged."""
+    with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
+        writer, progress, reader = _write_in_a_child(mnt / name, stop, flip=flip)
+        _kill_when(daemon, writer, lambda: progress["acked"] >= kill_at * CHUNK)
+        reader.join()
+    acked = progress["acked"]
+    assert acked < stop * CHUNK, "the kill did not land in the middle"
+    assert sorted(os.listdir(upper)) == [name]
+    return acked
+
+
 def test_killed_while_writing_a_new_file_keeps_every_acknowledged_byte(tmp_path):
     """kill -9 mid-stream: the file is the stream up to at least what write() acknowledged, at most one write more.
 
@@ -537,14 +550,7 @@ def test_killed_while_writing_a_new_file_keeps_every_acknowledged_byte(tmp_path)
     lower, upper, work, mnt = _layers(tmp_path)
     (lower / "other").write_text("other\n")
     before = fingerprint(str(lower))
-    stop = 256
-    with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
-        writer, progress, reader = _write_in_a_child(mnt / "new", stop, flip=False)
-        _kill_when(daemon, writer, lambda: progress["acked"] >= 32 * CHUNK)
-        reader.join()
-    acked = progress["acked"]
-    assert acked < stop * CHUNK, "the kill did not land in the middle"
-    assert sorted(os.listdir(upper)) == ["new"]
+    acked = _kill_mid_write(lower, upper, work, mnt, "new", stop=256, flip=False, kill_at=32)
     with _overlay("ovlfuse", [lower], upper, work, mnt):
         size = os.stat(mnt / "new").st_size
         assert acked <= size <= acked + CHUNK
@@ -562,13 +568,7 @@ def test_killed_while_overwriting_a_copied_up_file_keeps_the_rest_of_the_old_dat
         for i in range(stop):
             f.write(_chunk(i))
     before = fingerprint(str(lower))
-    with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
-        writer, progress, reader = _write_in_a_child(mnt / "old", stop, flip=True)
-        _kill_when(daemon, writer, lambda: progress["acked"] >= 16 * CHUNK)
-        reader.join()
-    acked = progress["acked"]
-    assert acked < stop * CHUNK, "the kill did not land in the middle"
-    assert sorted(os.listdir(upper)) == ["old"]
+    acked = _kill_mid_write(lower, upper, work, mnt, "old", stop=stop, flip=True, kill_at=16)
     with _overlay("ovlfuse", [lower], upper, work, mnt):
         assert os.stat(mnt / "old").st_size == stop * CHUNK
         written = _common_prefix(mnt / "old", flip=True)
