@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ovlfuse.sys.mountinfo import is_mounted
+
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
 FS_NAMES = ("kernel", "fuse-overlayfs", "ovlfuse")
 MOUNT_TIMEOUT = 60.0
@@ -75,28 +77,6 @@ def lowerdir_option(names: list[str], base: Path | None = None) -> str:
 
 # --------------------------------------------------------------------------
 # mount helpers
-
-
-def _unescape_mountinfo(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def is_mounted(mnt: Path) -> bool:
-    target = os.path.realpath(mnt)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
-                return True
-    return False
 
 
 class Mount:

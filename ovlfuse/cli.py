@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(ns: argparse.Namespace, parser: argparse.ArgumentParser, positionals: int):
     """The mount plan named by LAYER (with --root) or by -o lowerdir=...; ``positionals`` after it."""
-    from ovlfuse.options import parse_options
-    from ovlfuse.store import plan_from_options
+    from ovlfuse.store.options import parse_options
+    from ovlfuse.store.plan import plan_from_options
 
     opts = parse_options(ns.options)
     if opts.has_layers:
@@ -94,11 +94,11 @@ def _plan(ns: argparse.Namespace, parser: argparse.ArgumentParser, positionals: 
 
 def _plan_from_names(ns: argparse.Namespace, read_only: bool):
     """LAYER as a layer id or directory, else as a container, image or layer name an engine knows."""
-    from ovlfuse import engines
-    from ovlfuse.store import DEFAULT_ROOT, LayerNotFound, plan_from_store
+    from ovlfuse.store import containers
+    from ovlfuse.store.plan import DEFAULT_ROOT, LayerNotFound, plan_from_store
 
-    docker_root = ns.docker_root or engines.DOCKER_ROOT
-    storage_root = ns.storage_root or engines.default_storage_root()
+    docker_root = ns.docker_root or containers.DOCKER_ROOT
+    storage_root = ns.storage_root or containers.default_storage_root()
     root = (ns.root or os.environ.get("OVLFUSE_ROOT")
             or (os.path.join(ns.docker_root, "overlay2") if ns.docker_root else None)
             or (os.path.join(ns.storage_root, "overlay") if ns.storage_root else None)
@@ -107,7 +107,7 @@ def _plan_from_names(ns: argparse.Namespace, read_only: bool):
     try:
         return plan_from_store(root, name, read_only)
     except LayerNotFound as missing:
-        found = engines.find(name, docker_root, storage_root)
+        found = containers.find(name, docker_root, storage_root)
         if found is None:
             raise LayerNotFound(f"{missing}; no container or image of that name either "
                                 f"(looked in {docker_root} and {storage_root})") from None
@@ -115,10 +115,10 @@ def _plan_from_names(ns: argparse.Namespace, read_only: bool):
 
 
 def _mount(argv: list[str]) -> int:
-    from ovlfuse.daemon import ServeOptions, serve
-    from ovlfuse.inode import View
-    from ovlfuse.layers import in_user_namespace
-    from ovlfuse.store import check_upper_free
+    from ovlfuse.fuse.daemon import ServeOptions, serve
+    from ovlfuse.fs.inode import View
+    from ovlfuse.fs.layers import in_user_namespace
+    from ovlfuse.store.plan import check_upper_free
 
     parser = _parser()
     ns = parser.parse_intermixed_args(argv)
@@ -157,7 +157,7 @@ def _layer_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _verify(argv: list[str]) -> int:
-    from ovlfuse.verify import KernelUnavailable, verify
+    from ovlfuse.tools.verify import KernelUnavailable, verify
 
     parser = _layer_parser("verify", "Mount LAYER read-only with ovlfuse and with the kernel's overlay, "
                            "and diff the two views. Exit 0 equal, 1 different, 2 error.")
@@ -173,7 +173,7 @@ def _verify(argv: list[str]) -> int:
 
 
 def _layers(argv: list[str]) -> int:
-    from ovlfuse.layerinfo import chain_info, render
+    from ovlfuse.tools.layerinfo import chain_info, render
 
     parser = _layer_parser("layers", "Show LAYER's chain top to bottom: ids, links, sizes, marker forms.")
     ns = parser.parse_intermixed_args(argv)
@@ -184,8 +184,8 @@ def _layers(argv: list[str]) -> int:
 
 
 def _which(argv: list[str]) -> int:
-    from ovlfuse.layers import LayerStack
-    from ovlfuse.which import explain, render
+    from ovlfuse.fs.layers import LayerStack
+    from ovlfuse.tools.which import explain, render
 
     parser = _layer_parser("which", "Tell which layer provides PATH in LAYER's merged view, what it "
                            "shadows, or which whiteout or opaque dir hides it. Nothing is mounted.")
@@ -200,7 +200,7 @@ def _which(argv: list[str]) -> int:
 
 
 def _diff(argv: list[str]) -> int:
-    from ovlfuse.diff import run_diff
+    from ovlfuse.tools.diff import run_diff
 
     parser = argparse.ArgumentParser(prog="ovlfuse diff", description="Compare two directory trees. "
                                      "Exit 0 equal, 1 different, 2 error.")
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv else ""
     try:
         if command == "demo":
-            from ovlfuse.demo import demo_main
+            from ovlfuse.tools.demo import demo_main
 
             return demo_main(argv[1:])
         if command in COMMANDS:

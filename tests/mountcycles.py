@@ -27,8 +27,9 @@ import sys
 import threading
 import time
 
-from ovlfuse.daemon import ServeOptions, mount_points, serve
-from ovlfuse.store import plan_from_store
+from ovlfuse.fuse.daemon import ServeOptions, serve
+from ovlfuse.sys.mountinfo import mount_points
+from ovlfuse.store.plan import plan_from_store
 
 
 def fd_count() -> int:

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from ovlfuse.daemon import mount_points
+from ovlfuse.sys.mountinfo import mount_points
 
 OVLFUSE = [sys.executable, "-m", "ovlfuse"]
 

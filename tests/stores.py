@@ -16,8 +16,8 @@ import stat
 import subprocess
 from dataclasses import dataclass
 
-from ovlfuse.demo import LayerRef, StoreWriter
-from ovlfuse.layerinfo import to_kernel_forms
+from ovlfuse.tools.demo import LayerRef, StoreWriter
+from ovlfuse.tools.layerinfo import to_kernel_forms
 
 LONG_NAME = "L" * 250 + ".long"  # 255 bytes
 UNICODE_NAMES = ["üñí©ødé", "日本語のファイル", "emoji-🙂", "sp ace", "tab\tname"]

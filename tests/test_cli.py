@@ -12,7 +12,7 @@ import time
 import pytest
 
 from mounts import is_mounted, kernel_mount, ovlfuse_mount, run_ovlfuse
-from ovlfuse.demo import StoreWriter
+from ovlfuse.tools.demo import StoreWriter
 from stores import fingerprint, rich_store
 from treesnap import differences, snapshot
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import pytest
 
 from mounts import is_mounted, kernel_mount, ovlfuse_mount, run_ovlfuse
-from ovlfuse.daemon import mount_points
+from ovlfuse.sys.mountinfo import mount_points
 from stores import fingerprint, write
 from treesnap import Snapshot, differences, snapshot
 

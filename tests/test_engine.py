@@ -11,10 +11,11 @@ import pyfuse3
 import pytest
 
 from mounts import ovlfuse_mount
-from ovlfuse import namei, safeio
-from ovlfuse.engine import MergeEngine
-from ovlfuse.layers import LayerStack
-from ovlfuse.store import plan_from_store
+from ovlfuse.fs import namei
+from ovlfuse.sys import safeio
+from ovlfuse.fs.engine import MergeEngine
+from ovlfuse.fs.layers import LayerStack
+from ovlfuse.store.plan import plan_from_store
 from stores import rich_store
 from treesnap import differences, snapshot
 

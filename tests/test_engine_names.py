@@ -13,7 +13,7 @@ import os
 import pytest
 
 from mounts import ovlfuse_mount, run_ovlfuse
-from ovlfuse.engines import chain_id
+from ovlfuse.store.containers import chain_id
 from stores import rich_store
 from treesnap import differences, snapshot
 
@@ -95,15 +95,15 @@ def test_containers_storage_names(tmp_path):
 
 def test_ordinary_users_default_storage_root(monkeypatch):
     """An ordinary user's podman keeps its store under the user's data dir, as containers/storage does."""
-    from ovlfuse import engines
+    from ovlfuse.store import containers
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.data")
-    assert engines.default_storage_root() == "/home/u/.data/containers/storage"
+    assert containers.default_storage_root() == "/home/u/.data/containers/storage"
     monkeypatch.delenv("XDG_DATA_HOME")
     monkeypatch.setenv("HOME", "/home/u")
-    assert engines.default_storage_root() == "/home/u/.local/share/containers/storage"
+    assert containers.default_storage_root() == "/home/u/.local/share/containers/storage"
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert engines.default_storage_root() == "/var/lib/containers/storage"
+    assert containers.default_storage_root() == "/var/lib/containers/storage"
 
 
 def test_unknown_name_says_where_it_looked(docker, tmp_path):

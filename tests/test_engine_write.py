@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
-from ovlfuse.engine import MergeEngine
+from ovlfuse.fs.engine import MergeEngine
 from ovlfuse.errors import OvlError
-from ovlfuse.layers import LayerStack
+from ovlfuse.fs.layers import LayerStack
 from stores import device_whiteout, fingerprint, write
 
 ROOT = pyfuse3.ROOT_INODE

@@ -7,7 +7,7 @@ import resource
 import subprocess
 
 from mounts import OVLFUSE, is_mounted, ovlfuse_mount
-from ovlfuse.demo import StoreWriter
+from ovlfuse.tools.demo import StoreWriter
 
 
 def test_chain_of_ten_thousand_layers(tmp_path):

@@ -40,9 +40,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from mounts import is_mounted, kernel_mount, ovlfuse_mount
-from ovlfuse.daemon import mount_points
-from ovlfuse.demo import LayerRef, StoreWriter
-from ovlfuse.safeio import RENAME_EXCHANGE, renameat2
+from ovlfuse.sys.mountinfo import mount_points
+from ovlfuse.tools.demo import LayerRef, StoreWriter
+from ovlfuse.sys.safeio import RENAME_EXCHANGE, renameat2
 from test_write_path import normalized, upper_snapshot
 from treesnap import differences, snapshot
 

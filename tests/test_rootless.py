@@ -28,7 +28,7 @@ import pytest
 
 import treesnap
 from mounts import is_mounted
-from ovlfuse.demo import StoreWriter
+from ovlfuse.tools.demo import StoreWriter
 from stores import device_whiteout, write
 from treesnap import Snapshot, differences
 from users import OrdinaryUser, ordinary_user

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import pytest
 
 from mounts import OVLFUSE, kernel_mount, ovlfuse_mount
-from ovlfuse.safeio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from ovlfuse.sys.safeio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from stores import LONG_NAME, Store, kernel_twin, rich_store
 from treesnap import Snapshot, differences, snapshot
 

@@ -6,7 +6,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from ovlfuse.diff import content_hash, file_type
+from ovlfuse.tools.diff import content_hash, file_type
 
 
 @dataclass(frozen=True)

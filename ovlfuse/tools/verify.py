@@ -22,11 +22,11 @@ import time
 from contextlib import ExitStack, contextmanager
 from collections.abc import Iterator
 
-from ovlfuse.daemon import mount_points
-from ovlfuse.diff import compare, report, scan, to_json
+from ovlfuse.sys.mountinfo import mount_points
+from ovlfuse.tools.diff import compare, report, scan, to_json
 from ovlfuse.errors import OvlError
-from ovlfuse.layerinfo import census, to_kernel_forms
-from ovlfuse.store import MountPlan
+from ovlfuse.tools.layerinfo import census, to_kernel_forms
+from ovlfuse.store.plan import MountPlan
 
 def _needs_conversion(userxattr: bool) -> set[str]:
     return {"whiteout-oci", "opaque-oci", "opaque-trusted" if userxattr else "opaque-user"}

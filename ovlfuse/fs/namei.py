@@ -26,9 +26,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ovlfuse import origin
-from ovlfuse.layers import Layer, LayerStack
-from ovlfuse.markers import (
+from ovlfuse.fs import origin
+from ovlfuse.fs.layers import Layer, LayerStack
+from ovlfuse.fs.markers import (
     NAME_MAX,
     OPAQUE_FILE,
     WH_PREFIX,
@@ -36,8 +36,8 @@ from ovlfuse.markers import (
     is_xattr_whiteout,
     opaque_value,
 )
-from ovlfuse.safeio import open_beneath
-from ovlfuse.statoverride import Stored
+from ovlfuse.sys.safeio import open_beneath
+from ovlfuse.fs.statoverride import Stored
 
 
 

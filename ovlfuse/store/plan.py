@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from ovlfuse.errors import OvlError
-from ovlfuse.options import MountOptions
+from ovlfuse.store.options import MountOptions
 
 DEFAULT_ROOT = "/var/lib/docker/overlay2"
 MIN_PREFIX = 12

@@ -15,9 +15,9 @@ import os
 import pyfuse3
 import trio
 
-from ovlfuse.layers import Layer
-from ovlfuse.namei import Entry
-from ovlfuse.safeio import open_beneath
+from ovlfuse.fs.layers import Layer
+from ovlfuse.fs.namei import Entry
+from ovlfuse.sys.safeio import open_beneath
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 # Flags passed on to the upper file; O_APPEND is not: the kernel sends the offset.

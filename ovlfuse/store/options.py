@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ovlfuse.errors import OvlError
-from ovlfuse.idmap import IdMap, IdRange, parse_mapping
+from ovlfuse.fs.idmap import IdMap, IdRange, parse_mapping
 
 # Generic options the FUSE mount itself applies (libfuse passes them to mount(2)).
 _VFS_FLAGS = {

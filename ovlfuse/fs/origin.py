@@ -19,8 +19,8 @@ import os
 import stat
 import struct
 
-from ovlfuse.layers import LayerStack
-from ovlfuse.safeio import fd_path, get_xattr, name_to_handle, open_beneath, open_by_handle
+from ovlfuse.fs.layers import LayerStack
+from ovlfuse.sys.safeio import fd_path, get_xattr, name_to_handle, open_beneath, open_by_handle
 
 ORIGIN_XATTR = "trusted.overlay.origin"
 _HEADER = struct.Struct("<BBBBB16s")

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from ovlfuse import statoverride
-from ovlfuse.idmap import IdMap
-from ovlfuse.markers import shown_xattr, stored_xattr
-from ovlfuse.namei import Entry
-from ovlfuse.safeio import fd_path, get_xattr, list_xattrs, open_beneath
-from ovlfuse.statoverride import Stored
+from ovlfuse.fs import statoverride
+from ovlfuse.fs.idmap import IdMap
+from ovlfuse.fs.markers import shown_xattr, stored_xattr
+from ovlfuse.fs.namei import Entry
+from ovlfuse.sys.safeio import fd_path, get_xattr, list_xattrs, open_beneath
+from ovlfuse.fs.statoverride import Stored
 
 # Layers do not change under a mount, and the write path invalidates what it
 # changes, so the kernel may keep entries and attributes for a long time.

@@ -20,7 +20,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from ovlfuse.safeio import get_xattr
+from ovlfuse.sys.safeio import get_xattr
 
 PRIVILEGED = "security.fuseoverlayfs.override_stat"
 CONTAINERS = "user.containers.override_stat"

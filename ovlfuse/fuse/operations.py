@@ -9,7 +9,7 @@ import logging
 
 import pyfuse3
 
-from ovlfuse.engine import FuseKernelCaches, MergeEngine
+from ovlfuse.fs.engine import FuseKernelCaches, MergeEngine
 
 log = logging.getLogger("ovlfuse.requests")
 

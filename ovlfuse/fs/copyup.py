@@ -19,13 +19,13 @@ import stat
 
 import trio
 
-from ovlfuse import origin
-from ovlfuse.inode import set_owner, stored_attributes
-from ovlfuse.layers import LayerStack
-from ovlfuse.markers import shown_xattr
-from ovlfuse.namei import Entry, Namei
-from ovlfuse.safeio import RENAME_NOREPLACE, fd_path, list_xattrs, open_beneath, renameat2
-from ovlfuse.statoverride import Stored
+from ovlfuse.fs import origin
+from ovlfuse.fs.inode import set_owner, stored_attributes
+from ovlfuse.fs.layers import LayerStack
+from ovlfuse.fs.markers import shown_xattr
+from ovlfuse.fs.namei import Entry, Namei
+from ovlfuse.sys.safeio import RENAME_NOREPLACE, fd_path, list_xattrs, open_beneath, renameat2
+from ovlfuse.fs.statoverride import Stored
 
 # Copies bigger than this run on a worker thread (a thread hop costs ~0.3 ms).
 THREAD_COPY_BYTES = 1 << 20

@@ -11,9 +11,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ovlfuse import statoverride
+from ovlfuse.fs import statoverride
 from ovlfuse.errors import OvlError
-from ovlfuse.safeio import fd_path, get_xattr
+from ovlfuse.sys.safeio import fd_path, get_xattr
 
 # Inode numbers of layers on different filesystems are spread over disjoint
 # ranges, as the kernel's xino does: the filesystem's index goes in the top bits.

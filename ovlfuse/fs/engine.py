@@ -25,18 +25,18 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
-from ovlfuse import inode
-from ovlfuse.copyup import CopyUp, Workdir
-from ovlfuse.dirops import DirOps
+from ovlfuse.fs import inode
+from ovlfuse.fs.copyup import CopyUp, Workdir
+from ovlfuse.fs.dirops import DirOps
 from ovlfuse.errors import OvlError
-from ovlfuse.file import WRITE_FLAGS, OpenFiles
-from ovlfuse.inode import NodeTable, View, entry_attributes, negative_entry, stored_attributes
-from ovlfuse.layers import LayerStack
-from ovlfuse.markers import stored_xattr
-from ovlfuse.namei import Entry, Namei
-from ovlfuse.readdir import DirHandles
-from ovlfuse.safeio import open_beneath
-from ovlfuse.statoverride import Stored
+from ovlfuse.fs.file import WRITE_FLAGS, OpenFiles
+from ovlfuse.fs.inode import NodeTable, View, entry_attributes, negative_entry, stored_attributes
+from ovlfuse.fs.layers import LayerStack
+from ovlfuse.fs.markers import stored_xattr
+from ovlfuse.fs.namei import Entry, Namei
+from ovlfuse.fs.readdir import DirHandles
+from ovlfuse.sys.safeio import open_beneath
+from ovlfuse.fs.statoverride import Stored
 
 
 class KernelCaches:

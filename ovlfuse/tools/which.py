@@ -12,11 +12,11 @@ import os
 import stat
 
 from ovlfuse.errors import OvlError
-from ovlfuse.layerinfo import short_id
-from ovlfuse.layers import Layer, LayerStack
-from ovlfuse.markers import OPAQUE_FILE, WH_PREFIX, is_device_whiteout, is_xattr_whiteout, opaque_value
-from ovlfuse.namei import Entry, Namei
-from ovlfuse.safeio import open_beneath
+from ovlfuse.tools.layerinfo import short_id
+from ovlfuse.fs.layers import Layer, LayerStack
+from ovlfuse.fs.markers import OPAQUE_FILE, WH_PREFIX, is_device_whiteout, is_xattr_whiteout, opaque_value
+from ovlfuse.fs.namei import Entry, Namei
+from ovlfuse.sys.safeio import open_beneath
 
 
 def _kind(mode: int) -> str:

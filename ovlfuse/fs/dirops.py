@@ -26,9 +26,9 @@ from collections.abc import Awaitable, Callable
 
 import pyfuse3
 
-from ovlfuse.copyup import SHARED_WHITEOUT, CopyUp, Workdir
-from ovlfuse.layers import LayerStack
-from ovlfuse.markers import (
+from ovlfuse.fs.copyup import SHARED_WHITEOUT, CopyUp, Workdir
+from ovlfuse.fs.layers import LayerStack
+from ovlfuse.fs.markers import (
     WH_PREFIX,
     is_device_whiteout,
     is_xattr_whiteout,
@@ -40,8 +40,8 @@ from ovlfuse.markers import (
     try_make_whiteout,
     whiteout_file_exists,
 )
-from ovlfuse.namei import Entry, Namei, child_path
-from ovlfuse.safeio import (
+from ovlfuse.fs.namei import Entry, Namei, child_path
+from ovlfuse.sys.safeio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,

@@ -10,7 +10,7 @@ import errno
 import os
 import stat
 
-from ovlfuse.safeio import fd_path, get_xattr
+from ovlfuse.sys.safeio import fd_path, get_xattr
 
 NAME_MAX = 255
 WH_PREFIX = b".wh."

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from ovlfuse import statoverride
-from ovlfuse.engine import MergeEngine
+from ovlfuse.fs import statoverride
+from ovlfuse.fs.engine import MergeEngine
 from ovlfuse.errors import OvlError
-from ovlfuse.inode import View
-from ovlfuse.layers import LayerStack
-from ovlfuse.operations import OverlayOperations
-from ovlfuse.store import MountPlan
+from ovlfuse.fs.inode import View
+from ovlfuse.fs.layers import LayerStack
+from ovlfuse.fuse.operations import OverlayOperations
+from ovlfuse.store.plan import MountPlan
+from ovlfuse.sys.mountinfo import mount_points
 
 log = logging.getLogger("ovlfuse")
 
@@ -43,30 +44,6 @@ class ServeOptions:
     volatile: bool = False
     pid_file: str | None = None
     log_file: str | None = None
-
-
-def _unescape_mountinfo(field_: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    out, i = [], 0
-    while i < len(field_):
-        code = field_[i + 1 : i + 4]
-        if field_[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_points() -> dict[str, str]:
-    """Mount point -> "major:minor" for every mount this process can see."""
-    points: dict[str, str] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            points[_unescape_mountinfo(fields[4])] = fields[2]
-    return points
 
 
 def check_mountpoint(path: str) -> str:

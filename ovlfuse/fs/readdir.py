@@ -13,7 +13,7 @@ import itertools
 
 import pyfuse3
 
-from ovlfuse.namei import Entry
+from ovlfuse.fs.namei import Entry
 
 
 class DirHandles:

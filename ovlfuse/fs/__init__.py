@@ -1,0 +1,1 @@
+"""The merge engine: everything the merged view does, without FUSE (raises OSError)."""

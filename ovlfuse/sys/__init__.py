@@ -1,0 +1,1 @@
+"""System helpers: confined access to layer directories, and the mount table."""

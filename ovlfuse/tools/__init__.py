@@ -1,0 +1,1 @@
+"""The tools around a mount: demo, diff, verify, layers, which."""
