@@ -7,13 +7,12 @@ import os
 import re
 import subprocess
 
-import pyfuse3
 import pytest
 
 from mounts import ovlfuse_mount
 from ovlfuse.fs import namei
 from ovlfuse.sys import safeio
-from ovlfuse.fs.engine import MergeEngine
+from ovlfuse.fs.engine import ROOT, MergeEngine
 from ovlfuse.fs.layers import LayerStack
 from ovlfuse.store.plan import plan_from_store
 from stores import rich_store
@@ -26,7 +25,7 @@ def _engine(store, layer) -> MergeEngine:
 
 
 def _walk_to(engine: MergeEngine, path: str) -> int:
-    ino = pyfuse3.ROOT_INODE
+    ino = ROOT
     for part in path.split("/"):
         ino = engine.lookup(ino, part.encode()).st_ino
     return ino
@@ -55,9 +54,9 @@ def test_lookups_after_the_first_touch_no_layer(deep, monkeypatch):
 
 def test_negative_lookup_is_cacheable(deep):
     engine = _engine(deep, deep.top)
-    attr = engine.lookup(pyfuse3.ROOT_INODE, b"no-such-name")
+    attr = engine.lookup(ROOT, b"no-such-name")
     assert attr.st_ino == 0 and attr.entry_timeout > 60
-    assert engine.lookup(pyfuse3.ROOT_INODE, b".wh.anything").st_ino == 0
+    assert engine.lookup(ROOT, b".wh.anything").st_ino == 0
 
 
 def test_forget_never_breaks_later_requests(deep):
@@ -68,31 +67,43 @@ def test_forget_never_breaks_later_requests(deep):
     assert len(engine.nodes) == 1  # only the root is left
     again = _walk_to(engine, "a/b/c/d/e")
     assert again == ino and engine.getattr(again).st_mtime_ns == before
-    with pytest.raises(pyfuse3.FUSEError):
+    with pytest.raises(OSError):
         engine.getattr(_walk_to(engine, "a/b") + 10**12)
 
 
 def test_name_too_long(deep):
     engine = _engine(deep, deep.top)
-    with pytest.raises(pyfuse3.FUSEError) as exc:
-        engine.lookup(pyfuse3.ROOT_INODE, b"x" * 256)
+    with pytest.raises(OSError) as exc:
+        engine.lookup(ROOT, b"x" * 256)
     assert exc.value.errno == errno.ENAMETOOLONG
 
 
-def test_index_cache_is_bounded_and_rebuilds(deep):
+def _listing(engine: MergeEngine, path: str) -> list[bytes]:
+    fh = engine.opendir(_walk_to(engine, path))
+    try:
+        return sorted(name for name, _, _ in engine.readdir(fh, 0))
+    finally:
+        engine.releasedir(fh)
+
+
+def _forget_all(engine: MergeEngine) -> None:
+    engine.forget([(nodeid, inode.nlookup) for nodeid, inode in list(engine.nodes._nodes.items())
+                   if nodeid != ROOT])
+
+
+def test_indexes_of_forgotten_directories_are_bounded_and_rebuilt(deep):
+    """Indexes the kernel may still ask for stay; those of forgotten directories go beyond the bound."""
     engine = _engine(deep, deep.top)
     engine.namei.max_entries = 10
-    names = {}
-    for path in ("a", "a/b", "a/b/c", "names", "fill"):
-        ino = _walk_to(engine, path)
-        fh = engine.opendir(ino)
-        names[path] = sorted(n for n, _, _, _ in engine.readdir(fh, 0))
-        engine.releasedir(fh)
-    assert len(engine.namei._cache) < 5
-    for path, listed in names.items():
-        fh = engine.opendir(_walk_to(engine, path))
-        assert sorted(n for n, _, _, _ in engine.readdir(fh, 0)) == listed
-        engine.releasedir(fh)
+    paths = ("a", "a/b", "a/b/c", "names", "fill")
+    listed = {path: _listing(engine, path) for path in paths}
+    held = engine.namei.cached_entries
+    assert held > 10, "directories the kernel holds keep their indexes"
+    _forget_all(engine)
+    root_index = len(engine.namei.children(engine.nodes.root))
+    assert engine.namei.cached_entries <= max(10, root_index) < held
+    for path in paths:
+        assert _listing(engine, path) == listed[path]
 
 
 def test_open_beneath_refuses_to_leave_a_layer(tmp_path):

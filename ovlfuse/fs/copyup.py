@@ -6,91 +6,34 @@ writing data and chown clear ``security.capability``), times, and the origin
 record.  Every copy is built in the workdir and renamed into place, so a crash
 leaves either no copy or a whole one, never a partial one in the merged view.
 Big files are copied on a worker thread so other requests keep being served.
+
+A copy-up changes the ``Inode`` in place: every name and open file of the
+object sees the copy.  Only a lower hard link splits, as on the kernel
+without ``index``: the name copied up gets a new object of its own.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import os
-import shutil
 import stat
 
 import trio
 
 from ovlfuse.fs import origin
-from ovlfuse.fs.inode import set_owner, stored_attributes
+from ovlfuse.fs.inode import Attrs, Inode, fail, set_owner, stored_attributes
 from ovlfuse.fs.layers import LayerStack
 from ovlfuse.fs.markers import shown_xattr
 from ovlfuse.fs.namei import Entry, Namei
-from ovlfuse.sys.safeio import RENAME_NOREPLACE, fd_path, list_xattrs, open_beneath, renameat2
+from ovlfuse.fs.workdir import Workdir
 from ovlfuse.fs.statoverride import Stored
+from ovlfuse.sys.safeio import RENAME_NOREPLACE, fd_path, list_xattrs, open_beneath, renameat2
 
 # Copies bigger than this run on a worker thread (a thread hop costs ~0.3 ms).
 THREAD_COPY_BYTES = 1 << 20
 _FICLONE = 0x40049409
 _READ_COPY_BYTES = 1 << 20  # one read and write of a copy that copy_file_range cannot do
-
-
-# The whiteout every new whiteout is a hard link of, as the kernel keeps one in work/.
-SHARED_WHITEOUT = b"whiteout"
-
-
-def _open_up(base: int) -> None:
-    """Give ``work`` back to its unprivileged owner: a kernel mount in a user namespace leaves it at mode 0."""
-    if os.geteuid() == 0:
-        return
-    try:
-        fd = open_beneath(base, b"work", os.O_PATH | os.O_DIRECTORY)
-    except OSError:
-        return  # not a directory of its own: the open that follows says so
-    try:
-        st = os.fstat(fd)
-        if st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700:
-            os.chmod(f"/proc/self/fd/{fd}", 0o700)
-    finally:
-        os.close(fd)
-
-
-class Workdir:
-    """``<workdir>/work``: scratch space on the upper filesystem, emptied at mount."""
-
-    def __init__(self, workdir: str) -> None:
-        base = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            try:
-                os.mkdir("work", 0o700, dir_fd=base)  # the kernel's mode 0 would lock out an unprivileged daemon
-            except FileExistsError:
-                _open_up(base)
-            self.fd = open_beneath(base, b"work", os.O_RDONLY | os.O_DIRECTORY)
-        finally:
-            os.close(base)
-        self._names = itertools.count()
-        self.clean()
-
-    def clean(self) -> None:
-        """Remove whatever an interrupted operation left behind."""
-        for name in os.listdir(self.fd):
-            self.remove(os.fsencode(name))
-
-    def tmpname(self) -> bytes:
-        return b"tmp.%d.%d" % (os.getpid(), next(self._names))
-
-    def remove(self, name: bytes) -> None:
-        st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=self.fd)
-        else:
-            os.unlink(name, dir_fd=self.fd)
-
-    def close(self) -> None:
-        """Unmount: drop the shared whiteout too, so work/ is left empty."""
-        try:
-            os.unlink(SHARED_WHITEOUT, dir_fd=self.fd)
-        except FileNotFoundError:
-            pass
-        os.close(self.fd)
 
 
 def copy_metadata(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes,
@@ -190,84 +133,99 @@ class CopyUp:
         self.upper = stack.upper
         self.namei = namei
         self.work = work
-        self.touched: list[Entry] = []  # directories whose upper part changed (for invalidation)
+        self.touched: list[Inode] = []  # directories whose upper part changed (for invalidation)
 
-    def upper_dir(self, directory: Entry) -> int:
-        """An O_PATH fd of ``directory``'s upper part, copying it (and its parents) up if needed."""
-        if not directory.layer.is_upper:
-            parent = self.namei.resolve(directory.parent_path())
-            assert parent is not None
-            parent_fd = self.upper_dir(parent)
+    def upper_dir(self, entry: Entry) -> int:
+        """An O_PATH fd of the directory ``entry``'s upper part, copying it (and its parents) up if needed."""
+        directory = entry.inode
+        if not directory.is_upper:
+            assert entry.parent is not None  # the root always has an upper part on a writable mount
+            parent_fd = self.upper_dir(entry.parent)
             try:
-                self._copy_dir(directory, parent_fd)
+                self._copy_dir(entry, parent_fd)
             finally:
                 os.close(parent_fd)
-            self.touched.append(parent)
-        return open_beneath(self.upper.fd, directory.path, os.O_PATH | os.O_DIRECTORY)
+            self.touched.append(entry.parent.inode)
+        return open_beneath(self.upper.fd, entry.path, os.O_PATH | os.O_DIRECTORY)
 
-    def _copy_dir(self, directory: Entry, upper_parent: int) -> None:
-        src_parent = open_beneath(directory.layer.fd, directory.parent_path(), os.O_PATH | os.O_DIRECTORY)
+    def _copy_dir(self, entry: Entry, upper_parent: int) -> None:
+        directory = entry.inode
+        path = entry.path
+        parent_path = path.rpartition(b"/")[0]
+        src_parent = open_beneath(directory.layer.fd, parent_path, os.O_PATH | os.O_DIRECTORY)
         tmp = self.work.tmpname()
         try:
             os.mkdir(tmp, 0o700, dir_fd=self.work.fd)
             # O_PATH: the copy needs the directory's metadata only, and a directory with a bad
             # block in its listing may not open for reading at all
-            src = open_beneath(directory.layer.fd, directory.path, os.O_PATH | os.O_DIRECTORY)
+            src = open_beneath(directory.layer.fd, path, os.O_PATH | os.O_DIRECTORY)
             try:
                 st = os.fstat(src)
                 copy_metadata(st, src, None, self.work.fd, tmp, stored_attributes(directory),
                               (directory.layer.override, self.upper.override))
             finally:
                 os.close(src)
-            origin.record(self.stack, src_parent, directory.name, self.work.fd, tmp)
-            _rename_keeping_times(self.work.fd, tmp, upper_parent, directory.name)
+            origin.record(self.stack, src_parent, entry.name, self.work.fd, tmp)
+            _rename_keeping_times(self.work.fd, tmp, upper_parent, entry.name)
         except BaseException:
-            self._discard(tmp)
+            self.work.discard(tmp)
             raise
         finally:
             os.close(src_parent)
         directory.layer = self.upper
-        directory.dirs = (self.upper,) + directory.dirs
-        directory.st = os.stat(directory.name, dir_fd=upper_parent, follow_symlinks=False)
+        directory.parts = (self.upper,) + directory.parts
+        directory.st = Attrs(os.stat(entry.name, dir_fd=upper_parent, follow_symlinks=False))
 
-    async def copy_up(self, entry: Entry, size: int | None = None) -> None:
-        """Give ``entry`` an upper copy and point it there.
+    async def copy_up(self, inode: Inode, size: int | None = None) -> Inode:
+        """Give ``inode`` an upper copy; returns the inode its name now names.
 
-        ``entry.ino`` stays, except for a lower hard link: like the kernel
-        without ``index``, the copy is a separate object with its own number.
-        ``size``: the copy is about to be truncated to this size, so no data
-        past it is copied (an O_TRUNC open of a big lower file copies nothing).
+        That is ``inode`` itself, changed in place, except for a lower hard
+        link named elsewhere too: like the kernel without ``index``, the copy
+        is then a new object with its own number, and the other names keep
+        the lower one.  ``size``: the copy is about to be truncated to this
+        size, so no data past it is copied (an O_TRUNC open of a big lower
+        file copies nothing).  An object whose name is gone cannot be copied
+        up (EEXIST, as the kernel answers: its name holds something else).
         """
-        if entry.layer.is_upper:
-            return
-        if entry.dirs:
+        if inode.is_upper:
+            return inode
+        if not inode.aliases:
+            raise fail(errno.EEXIST)
+        entry = inode.aliases[0]
+        if inode.parts:
             os.close(self.upper_dir(entry))
-            return
-        parent = self.namei.resolve(entry.parent_path())
-        assert parent is not None
-        upper_parent = self.upper_dir(parent)
-        self.touched.append(parent)
-        lower_links = entry.st.st_nlink
+            return inode
+        assert entry.parent is not None
+        upper_parent = self.upper_dir(entry.parent)
+        self.touched.append(entry.parent.inode)
         try:
-            await self._copy_object(entry, upper_parent, size)
-            entry.st = os.stat(entry.name, dir_fd=upper_parent, follow_symlinks=False)
+            await self._copy_object(inode, entry, upper_parent, size)
+            st = os.stat(entry.name, dir_fd=upper_parent, follow_symlinks=False)
         finally:
             os.close(upper_parent)
-        entry.layer = self.upper
-        if lower_links > 1:  # the copy is a new object: the kernel reports its own number
-            entry.ino = self.stack.ino(self.upper, entry.st.st_ino)
-        else:
-            self.stack.copied_inos[entry.st.st_ino] = entry.ino
+        if inode.st.st_nlink > 1:  # the copy is a new object: the kernel reports its own number
+            copy = Inode(self.stack.ino(self.upper, st.st_ino), self.upper, st)
+            copy.nlookup = 0
+            inode.drop_alias(entry)
+            entry.inode = copy
+            copy.add_alias(entry)
+            return copy
+        self.stack.copied_inos[st.st_ino] = inode.ino
+        inode.layer = self.upper
+        inode.st = Attrs(st)
+        inode.record = None
+        return inode
 
-    async def _copy_object(self, entry: Entry, upper_parent: int, limit: int | None) -> None:
-        st = entry.st
+    async def _copy_object(self, inode: Inode, entry: Entry, upper_parent: int, limit: int | None) -> None:
+        st = inode.st
         name = entry.name
-        src_parent = open_beneath(entry.layer.fd, entry.parent_path(), os.O_PATH | os.O_DIRECTORY)
+        path = entry.path
+        src_parent = open_beneath(inode.layer.fd, path.rpartition(b"/")[0], os.O_PATH | os.O_DIRECTORY)
         tmp = self.work.tmpname()
         wfd = self.work.fd
         try:
             if stat.S_ISREG(st.st_mode):
-                src = open_beneath(entry.layer.fd, entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+                src = open_beneath(inode.layer.fd, path, os.O_RDONLY | os.O_NOFOLLOW)
                 try:
                     dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
                     try:
@@ -287,18 +245,13 @@ class CopyUp:
                 os.symlink(os.readlink(name, dir_fd=src_parent), tmp, dir_fd=wfd)
             else:  # fifo, socket, device
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
-            copy_metadata(st, src_parent, name, wfd, tmp, stored_attributes(entry),
-                          (entry.layer.override, self.upper.override))
+            lst = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
+            copy_metadata(lst, src_parent, name, wfd, tmp, stored_attributes(inode),
+                          (inode.layer.override, self.upper.override))
             origin.record(self.stack, src_parent, name, wfd, tmp)
             _rename_keeping_times(wfd, tmp, upper_parent, name)
         except BaseException:
-            self._discard(tmp)
+            self.work.discard(tmp)
             raise
         finally:
             os.close(src_parent)
-
-    def _discard(self, tmp: bytes) -> None:
-        try:
-            self.work.remove(tmp)
-        except OSError:
-            pass

@@ -1,14 +1,16 @@
-"""Directory operations of the merged view: new names, removals, renames, whiteouts.
+"""Directory operations of the merged view: new objects, removals, renames, whiteouts.
 
-Rules (shared spec section 3, checked against the kernel's overlay):
-- a new name is created in the upper part of its parent (copied up first);
-  over an upper whiteout it is built in the workdir and renamed over it, and a
-  new directory there is made opaque so the lower one stays hidden;
-- removing a name that still exists below leaves a whiteout, built in the
-  workdir and renamed into place; no data is copied to delete a file;
+Rules (the shared spec's section 3, checked against the kernel's overlay):
+- a new object is created in the upper part of its parent (copied up
+  first); over an upper whiteout it is built in the workdir and renamed over
+  it, and a new directory there is made opaque so the lower one stays hidden;
+- removing a name through which a lower object shows (the lookup's own rule,
+  ``Namei.lower_positive``) leaves a whiteout, built in the workdir and
+  renamed into place; no data is copied to delete a file;
 - a directory is removed only when its merged view is empty;
 - a directory with lower parts cannot be renamed (EXDEV, redirect_dir off);
-- a renamed object leaves a whiteout behind if its old name exists below.
+- a renamed object leaves a whiteout behind if a lower object shows through
+  its old name.
 Whiteouts are char 0:0 devices; only where those cannot be made is the OCI
 ``.wh.NAME`` file written instead (the kernel's overlay does not read it), each
 change ordered so that a crash shows the old state or the new, never neither.
@@ -18,50 +20,47 @@ All of it runs under the engine's write lock, so each step sees the last.
 from __future__ import annotations
 
 import errno
-import functools
-import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-import pyfuse3
-
-from ovlfuse.fs.copyup import SHARED_WHITEOUT, CopyUp, Workdir
+from ovlfuse.fs.copyup import CopyUp
+from ovlfuse.fs.inode import Attrs, Inode, fail, set_owner
 from ovlfuse.fs.layers import LayerStack
 from ovlfuse.fs.markers import (
-    WH_PREFIX,
-    is_device_whiteout,
+    is_reserved,
     is_xattr_whiteout,
-    make_whiteout,
     make_whiteout_file,
     opaque_value,
     remove_whiteout_file,
     set_opaque,
-    try_make_whiteout,
     whiteout_file_exists,
 )
-from ovlfuse.fs.namei import Entry, Namei, child_path
-from ovlfuse.sys.safeio import (
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    RENAME_WHITEOUT,
-    open_beneath,
-    renameat2,
-)
+from ovlfuse.fs.namei import Entry, Namei
+from ovlfuse.fs.statoverride import Stored
+from ovlfuse.fs.workdir import Workdir, lstat_at
+from ovlfuse.sys.safeio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, open_beneath, renameat2
+
+CopyUpFn = Callable[[Inode], Awaitable[Inode]]
 
 
-log = logging.getLogger(__name__)
+@dataclass(frozen=True)
+class NewObject:
+    """What a create, mkdir, mknod, symlink or link asks for (the kernel's ``ovl_cattr``).
 
+    ``owner``'s mode carries the type bits; ``link`` is the upper object a
+    hard link names (already copied up); ``flags`` are a create's open flags.
+    """
 
-def _fail(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
+    owner: Stored
+    target: bytes = b""  # a symlink's
+    link: Inode | None = None
+    flags: int = os.O_RDONLY
 
-
-def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
+    @property
+    def is_dir(self) -> bool:
+        return self.link is None and stat.S_ISDIR(self.owner.mode)
 
 
 class DirOps:
@@ -72,68 +71,28 @@ class DirOps:
         self.namei = namei
         self.copyup = copyup
         self.work = work
-        self.share_whiteouts = True
-        self.shared_whiteout = False  # whether work/ holds it now (work/ is emptied at mount)
 
-    @functools.cached_property
-    def device_whiteouts(self) -> bool:
-        """Whether whiteouts can be char 0:0 devices.
-
-        Found out at the first change, so a mount alone writes nothing, by
-        making the shared whiteout that later whiteouts are links of.
-        """
-        works = self.shared_whiteout = try_make_whiteout(self.work.fd, SHARED_WHITEOUT)
-        if not works:
-            log.warning("char 0:0 whiteouts cannot be made on the upper filesystem; writing .wh. files "
-                        "instead, which the kernel's overlay does not read")
-        return works
-
-    def existing(self, parent: Entry, name: bytes) -> Entry:
+    def existing(self, parent: Inode, name: bytes) -> Entry:
         entry = self.namei.lookup(parent, name)
         if entry is None:
-            raise _fail(errno.ENOENT)
+            raise fail(errno.ENOENT)
         return entry
 
-    def lower_has(self, parent: Entry, name: bytes) -> bool:
-        """Whether ``name`` exists in a lower part of ``parent`` (so removing it needs a whiteout)."""
-        for layer in parent.dirs:
-            if layer.is_upper:
-                continue
-            try:
-                fd = open_beneath(layer.fd, parent.path, os.O_PATH | os.O_DIRECTORY)
-            except OSError as e:
-                if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                    continue
-                raise
-            try:
-                st = _lstat(fd, name)
-                if st is None:
-                    if whiteout_file_exists(fd, name):
-                        return False
-                    continue
-                if is_device_whiteout(st):
-                    return False
-                if opaque_value(fd) == b"x" and is_xattr_whiteout(fd, name, st):
-                    return False
-                return True
-            finally:
-                os.close(fd)
-        return False
-
-    def is_empty(self, directory: Entry) -> bool:
+    def is_empty(self, directory: Inode) -> bool:
         """Empty in the merged view, as the kernel decides before removing a directory.
 
         The kernel's check counts the xattr whiteouts of lower parts marked
         ``opaque=x`` as entries although readdir hides them, so such a
         directory cannot be removed through the kernel's overlay either.
         """
-        if self.namei.index(directory):
+        if self.namei.children(directory):
             return False
-        for layer in directory.dirs:
-            if layer.is_upper:
+        path = directory.path
+        for layer in directory.parts:
+            if layer.is_upper or path is None:
                 continue
             try:
-                fd = open_beneath(layer.fd, directory.path, os.O_RDONLY | os.O_DIRECTORY)
+                fd = open_beneath(layer.fd, path, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 continue
             try:
@@ -145,100 +104,85 @@ class DirOps:
                 os.close(fd)
         return True
 
-    # --- new names ------------------------------------------------------------
-    def check_new(self, parent: Entry, name: bytes) -> None:
-        """Refuse a new name before anything is written (a failed call changes nothing)."""
-        if name.startswith(WH_PREFIX):
-            raise _fail(errno.EINVAL)  # would read back as a marker, not as this name
-        if self.namei.lookup(parent, name) is not None:
-            raise _fail(errno.EEXIST)
+    @staticmethod
+    def _alias(directory: Inode) -> Entry:
+        """The name of a directory a change happens in; a removed one takes no new names (ENOENT)."""
+        if not directory.aliases:
+            raise fail(errno.ENOENT)
+        return directory.aliases[0]
 
-    def place(self, parent: Entry, name: bytes, build: Callable[[int, bytes], None], is_dir: bool) -> Entry:
-        """Create ``name`` with ``build(dirfd, name)`` in the upper part of ``parent``."""
+    # --- new objects (the kernel's ovl_create_object) ---------------------------------------
+    def check_new(self, parent: Inode, name: bytes) -> None:
+        """Refuse a new name before anything is written (a failed call changes nothing)."""
+        if is_reserved(name):
+            raise fail(errno.EINVAL)  # would read back as a marker, not as this name
+        if self.namei.lookup(parent, name) is not None:
+            raise fail(errno.EEXIST)
+
+    def create(self, parent: Inode, name: bytes, new: NewObject) -> tuple[Entry, int | None]:
+        """Make ``new`` at ``name`` in the upper part of ``parent``; (its entry, a create's open fd)."""
         self.check_new(parent, name)
-        upper_parent = self.copyup.upper_dir(parent)
+        parent_entry = self._alias(parent)
+        opened: list[int] = []
+
+        def build(dirfd: int, at: bytes) -> None:
+            if new.link is not None:
+                link_path = new.link.path
+                assert link_path is not None
+                os.link(link_path, at, src_dir_fd=self.upper.fd, dst_dir_fd=dirfd, follow_symlinks=False)
+                return
+            mode = new.owner.mode
+            if stat.S_ISDIR(mode):
+                os.mkdir(at, 0o700, dir_fd=dirfd)
+            elif stat.S_ISREG(mode):
+                flags = (new.flags & os.O_ACCMODE) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                opened.append(os.open(at, flags, 0o600, dir_fd=dirfd))
+            elif stat.S_ISLNK(mode):
+                os.symlink(new.target, at, dir_fd=dirfd)
+            else:
+                os.mknod(at, stat.S_IFMT(mode) | 0o600, new.owner.rdev, dir_fd=dirfd)
+            set_owner(dirfd, at, self.upper.override, new.owner)
+
+        upper_parent = self.copyup.upper_dir(parent_entry)
         try:
-            old = _lstat(upper_parent, name)
-            marker = not self.device_whiteouts and whiteout_file_exists(upper_parent, name)
+            old = lstat_at(upper_parent, name)
+            marker = not self.work.device_whiteouts and whiteout_file_exists(upper_parent, name)
             if old is None and not marker:
                 build(upper_parent, name)
             else:  # over a whiteout: build a copy aside, then move it in
-                def build_marked(dirfd: int, new: bytes) -> None:
-                    build(dirfd, new)
-                    if is_dir:
-                        set_opaque(dirfd, new, self.stack.userxattr)
-                self._swap_in(build_marked, upper_parent, name, exchange=is_dir and old is not None)
+                def build_marked(dirfd: int, at: bytes) -> None:
+                    build(dirfd, at)
+                    if new.is_dir:
+                        set_opaque(dirfd, at, self.stack.userxattr)
+                self.work.swap_in(build_marked, upper_parent, name, exchange=new.is_dir and old is not None)
                 if marker:
                     remove_whiteout_file(upper_parent, name)
             st = os.stat(name, dir_fd=upper_parent, follow_symlinks=False)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
         finally:
             os.close(upper_parent)
-        entry = Entry(child_path(parent.path, name), self.upper, st, ino=self.stack.ino(self.upper, st.st_ino),
-                      dirs=(self.upper,) if is_dir else ())
-        self.namei.put(parent.path, name, entry)
-        return entry
+        parent.stale = True
+        if new.link is not None:
+            inode = new.link
+            inode.st = Attrs(st)
+        else:
+            inode = Inode(self.stack.ino(self.upper, st.st_ino), self.upper, st,
+                          parts=(self.upper,) if new.is_dir else ())
+            if new.is_dir:  # nothing below it shows: its index is known to be empty
+                inode.children, inode.complete = {}, True
+        return self.namei.add(parent, name, inode), opened[0] if opened else None
 
-    async def link(self, entry: Entry, parent: Entry, name: bytes) -> Entry:
-        """A new name for ``entry``'s object, copying the object up first."""
-        self.check_new(parent, name)
-        await self.copyup.copy_up(entry)
-        source_parent = open_beneath(self.upper.fd, entry.parent_path(), os.O_PATH | os.O_DIRECTORY)
-        try:
-            def build(dirfd: int, new: bytes) -> None:
-                os.link(entry.name, new, src_dir_fd=source_parent, dst_dir_fd=dirfd, follow_symlinks=False)
-            new_entry = self.place(parent, name, build, is_dir=False)
-        finally:
-            os.close(source_parent)
-        new_entry.ino = entry.ino
-        entry.st = new_entry.st
-        return new_entry
-
-    # --- removals ---------------------------------------------------------------
-    def _swap_in(self, build: Callable[[int, bytes], None], upper_parent: int, name: bytes, exchange: bool) -> None:
-        """Build an object in work/ and move it to ``name``: exchanged with what is there, or renamed over it.
-
-        Nothing is left in work/ either way: not a half-built object, nor what an exchange moved out.
-        """
-        tmp = self.work.tmpname()
-        try:
-            build(self.work.fd, tmp)
-            if exchange:
-                renameat2(self.work.fd, tmp, upper_parent, name, RENAME_EXCHANGE)
-            else:
-                os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=upper_parent)
-        finally:
-            if _lstat(self.work.fd, tmp) is not None:
-                self.work.remove(tmp)
-
-    def _linked_whiteout(self, dirfd: int, name: bytes) -> None:
-        """A whiteout made the kernel's way: a link of one shared whiteout in work/, no inode each.
-
-        Where a link fails, the shared whiteout itself becomes this one (so a
-        lower name can still be removed when the upper is out of inodes), and
-        a failure other than too many links ends the sharing for this mount.
-        """
-        work = self.work.fd
-        if not self.shared_whiteout:
-            make_whiteout(work, SHARED_WHITEOUT)
-            self.shared_whiteout = True
-        if self.share_whiteouts:
-            try:
-                os.link(SHARED_WHITEOUT, name, src_dir_fd=work, dst_dir_fd=dirfd, follow_symlinks=False)
-                return
-            except OSError as e:
-                if e.errno != errno.EMLINK:
-                    log.warning("whiteouts are no longer shared: %s", os.strerror(e.errno or errno.EIO))
-                    self.share_whiteouts = False
-        os.rename(SHARED_WHITEOUT, name, src_dir_fd=work, dst_dir_fd=dirfd)
-        self.shared_whiteout = False
-
+    # --- removals ---------------------------------------------------------------------------
     def _whiteout_over(self, upper_parent: int, name: bytes, exchange: bool) -> None:
         """Put a whiteout at ``name``: renamed over a file, exchanged with a directory, or new."""
-        if self.device_whiteouts:
-            self._swap_in(self._linked_whiteout, upper_parent, name, exchange)
+        if self.work.device_whiteouts:
+            self.work.swap_in(self.work.linked_whiteout, upper_parent, name, exchange)
             return
         make_whiteout_file(upper_parent, name)  # first: until the object goes, it is still what shows
-        old = _lstat(upper_parent, name)
+        old = lstat_at(upper_parent, name)
         if old is None:
             return
         if stat.S_ISDIR(old.st_mode):
@@ -246,40 +190,67 @@ class DirOps:
         else:
             os.unlink(name, dir_fd=upper_parent)
 
-    def unlink(self, parent: Entry, name: bytes) -> Entry:
-        entry = self.existing(parent, name)
-        if entry.dirs:
-            raise _fail(errno.EISDIR)
-        below = self.lower_has(parent, name)
-        upper_parent = self.copyup.upper_dir(parent)
+    def _remove(self, parent: Inode, entry: Entry, remove: Callable[[int, bool], None]) -> Inode:
+        """Take ``entry`` out of ``parent``: ``remove(upper parent fd, whiteout needed)`` does it in the upper."""
+        below = self.namei.lower_positive(parent, entry.name)
+        upper_parent = self.copyup.upper_dir(self._alias(parent))
         try:
+            self._losing(entry)
+            remove(upper_parent, below)
+        finally:
+            os.close(upper_parent)
+        self.namei.discard(parent, entry.name)
+        self._lost(entry)
+        parent.stale = True
+        return entry.inode
+
+    def _losing(self, entry: Entry) -> None:
+        """Before a name goes: its object's link count now, and a pin if the kernel still holds it."""
+        entry.inode.refresh()
+        entry.inode.before_losing(entry)
+
+    def _lost(self, entry: Entry) -> None:
+        """After a name went: an upper object left with no link and no pin is gone, and its number with it."""
+        inode = entry.inode
+        inode.drop_alias(entry)
+        if not inode.is_upper:
+            return
+        if inode.pin is not None:
+            inode.refresh()  # nlink 0 when that was its last link
+        elif not inode.aliases and inode.st.st_nlink <= 1:
+            self.stack.copied_inos.pop(inode.st.st_ino, None)
+            inode.st.st_nlink = 0
+        else:
+            inode.stale = True
+
+    def unlink(self, parent: Inode, name: bytes) -> Inode:
+        entry = self.existing(parent, name)
+        if entry.inode.parts:
+            raise fail(errno.EISDIR)
+
+        def remove(upper_parent: int, below: bool) -> None:
             if below:
                 self._whiteout_over(upper_parent, name, exchange=False)
             else:
                 os.unlink(name, dir_fd=upper_parent)
-        finally:
-            os.close(upper_parent)
-        self.namei.remove(parent.path, name)
-        return entry
+        return self._remove(parent, entry, remove)
 
-    def rmdir(self, parent: Entry, name: bytes) -> Entry:
+    def rmdir(self, parent: Inode, name: bytes) -> Inode:
         entry = self.existing(parent, name)
-        if not entry.dirs:
-            raise _fail(errno.ENOTDIR)
-        if not self.is_empty(entry):
-            raise _fail(errno.ENOTEMPTY)
-        below = self.lower_has(parent, name)
-        upper_parent = self.copyup.upper_dir(parent)
-        try:
+        directory = entry.inode
+        if not directory.parts:
+            raise fail(errno.ENOTDIR)
+        if not self.is_empty(directory):
+            raise fail(errno.ENOTEMPTY)
+
+        def remove(upper_parent: int, below: bool) -> None:
             if below:
-                self._whiteout_over(upper_parent, name, exchange=entry.layer.is_upper)
+                self._whiteout_over(upper_parent, name, exchange=directory.is_upper)
             else:
                 self._remove_upper_dir(upper_parent, name)
-        finally:
-            os.close(upper_parent)
-        self.namei.remove(parent.path, name)
-        self.namei.drop(entry.path, subtree=True)
-        return entry
+        self._remove(parent, entry, remove)
+        directory.children, directory.complete = {}, True  # nothing is left in it
+        return directory
 
     def _remove_upper_dir(self, upper_parent: int, name: bytes) -> None:
         """Remove an upper dir that holds nothing but whiteouts (moved aside first)."""
@@ -301,76 +272,90 @@ class DirOps:
         finally:
             os.close(fd)
 
-    # --- rename ---------------------------------------------------------------------
-    async def rename(self, p1: Entry, n1: bytes, p2: Entry, n2: bytes, flags: int,
-                     copy_up: Callable[[Entry], Awaitable[object]]) -> tuple[Entry, Entry | None]:
-        """Move ``n1`` to ``n2`` (``copy_up`` brings the source up); returns (moved, replaced or None)."""
-        if n2.startswith(WH_PREFIX):
-            raise _fail(errno.EINVAL)
+    # --- rename -----------------------------------------------------------------------------
+    def _mark_moved_dir(self, entry: Entry, upper_parent: int, name: bytes, into: Inode) -> None:
+        """A directory moved into a merged directory is made opaque first, as the kernel does
+        (before the rename itself, so the mark stays if the rename then fails)."""
+        if entry.inode.parts and into.merged and opaque_value(upper_parent, name) != b"y":
+            set_opaque(upper_parent, name, self.stack.userxattr)
+
+    async def rename(self, p1: Inode, n1: bytes, p2: Inode, n2: bytes, flags: int,
+                     copy_up: CopyUpFn) -> Inode | None:
+        """Move ``n1`` to ``n2`` (``copy_up`` brings the source up); returns the inode it replaced, if any."""
+        if is_reserved(n2):
+            raise fail(errno.EINVAL)
         src = self.existing(p1, n1)
         dst = self.namei.lookup(p2, n2)
         if dst is not None and flags & RENAME_NOREPLACE:
-            raise _fail(errno.EEXIST)
-        if src.dirs and (not src.layer.is_upper or src.merged):
-            raise _fail(errno.EXDEV)
-        if dst is not None and dst.dirs and not self.is_empty(dst):
-            raise _fail(errno.ENOTEMPTY)
-        await copy_up(src)
-        src_below = self.lower_has(p1, n1)
-        up1 = self.copyup.upper_dir(p1)
+            raise fail(errno.EEXIST)
+        moving = src.inode
+        if moving.parts and (not moving.is_upper or moving.merged):
+            raise fail(errno.EXDEV)
+        replaced_dir = dst is not None and bool(dst.inode.parts)
+        if replaced_dir and (dst.inode.merged or not dst.inode.is_upper) and not self.is_empty(dst.inode):
+            raise fail(errno.ENOTEMPTY)
+        await copy_up(moving)
+        src_below = self.namei.lower_positive(p1, n1)
+        e1, e2 = self._alias(p1), self._alias(p2)
+        up1 = self.copyup.upper_dir(e1)
         try:
-            up2 = self.copyup.upper_dir(p2)
+            up2 = self.copyup.upper_dir(e2)
             try:
-                self._move(src, up1, n1, up2, n2, src_below, p2.merged)
+                self._mark_moved_dir(src, up1, n1, p2)
+                if replaced_dir and not self.is_empty(dst.inode):
+                    raise fail(errno.ENOTEMPTY)  # the upper rename's own refusal, after the mark
+                if dst is not None:
+                    self._losing(dst)
+                self._move(src.inode, up1, n1, up2, n2, src_below)
             finally:
                 os.close(up2)
         finally:
             os.close(up1)
-        self.namei.remove(p1.path, n1)
-        self.namei.put(p2.path, n2, src)
-        old_path = src.path
-        src.path = child_path(p2.path, n2)
-        if src.dirs:
-            self.namei.drop(old_path, subtree=True)
-            self.namei.drop(src.path, subtree=True)
-        return src, dst
+        p1.stale = p2.stale = src.inode.stale = True
+        self.namei.discard(p1, n1)
+        if dst is not None:
+            self.namei.discard(p2, n2)
+            self._lost(dst)
+        self._relink(src, p2, n2)
+        return dst.inode if dst is not None else None
 
-    async def exchange(self, p1: Entry, n1: bytes, p2: Entry, n2: bytes,
-                       copy_up: Callable[[Entry], Awaitable[object]]) -> tuple[Entry, Entry]:
+    def _relink(self, entry: Entry, directory: Inode, name: bytes) -> None:
+        """Give ``entry`` its new place: everything below a moved directory follows with it."""
+        entry.parent = self._alias(directory)
+        entry.name = name
+        if directory.children is not None:
+            directory.children[name] = entry
+            self.namei.cached_entries += 1
+
+    async def exchange(self, p1: Inode, n1: bytes, p2: Inode, n2: bytes, copy_up: CopyUpFn) -> None:
         """Swap two names (RENAME_EXCHANGE); no whiteouts are needed since both names stay."""
         first, second = self.existing(p1, n1), self.existing(p2, n2)
         for entry in (first, second):
-            if entry.dirs and (not entry.layer.is_upper or entry.merged):
-                raise _fail(errno.EXDEV)
-        await copy_up(first)
-        await copy_up(second)
-        up1 = self.copyup.upper_dir(p1)
+            if entry.inode.parts and (not entry.inode.is_upper or entry.inode.merged):
+                raise fail(errno.EXDEV)
+        await copy_up(first.inode)
+        await copy_up(second.inode)
+        up1 = self.copyup.upper_dir(self._alias(p1))
         try:
-            up2 = self.copyup.upper_dir(p2)
+            up2 = self.copyup.upper_dir(self._alias(p2))
             try:
-                for entry, fd, name, into in ((first, up1, n1, p2), (second, up2, n2, p1)):
-                    if entry.dirs and into.merged and opaque_value(fd, name) != b"y":
-                        set_opaque(fd, name, self.stack.userxattr)
+                self._mark_moved_dir(first, up1, n1, p2)
+                self._mark_moved_dir(second, up2, n2, p1)
                 renameat2(up1, n1, up2, n2, RENAME_EXCHANGE)
             finally:
                 os.close(up2)
         finally:
             os.close(up1)
-        self.namei.put(p1.path, n1, second)
-        self.namei.put(p2.path, n2, first)
-        for entry in (first, second):
-            if entry.dirs:
-                self.namei.drop(entry.path, subtree=True)
-        first.path, second.path = child_path(p2.path, n2), child_path(p1.path, n1)
-        return first, second
+        p1.stale = p2.stale = first.inode.stale = second.inode.stale = True
+        self.namei.discard(p1, n1)
+        self.namei.discard(p2, n2)
+        self._relink(first, p2, n2)
+        self._relink(second, p1, n1)
 
-    def _move(self, src: Entry, up1: int, n1: bytes, up2: int, n2: bytes, src_below: bool, into_merged: bool) -> None:
-        """Rename in the upper layer; a directory moved into a merged place is made opaque (as the kernel)."""
-        is_dir = bool(src.dirs)
-        if is_dir and into_merged and opaque_value(up1, n1) != b"y":
-            set_opaque(up1, n1, self.stack.userxattr)
-        target = _lstat(up2, n2)
-        if is_dir and target is not None and not stat.S_ISDIR(target.st_mode):
+    def _move(self, moving: Inode, up1: int, n1: bytes, up2: int, n2: bytes, src_below: bool) -> None:
+        """Rename in the upper layer, leaving a whiteout at the old name where a lower object shows through it."""
+        target = lstat_at(up2, n2)
+        if moving.parts and target is not None and not stat.S_ISDIR(target.st_mode):
             # a directory cannot replace the whiteout: swap them, keep it at n1 if needed
             renameat2(up1, n1, up2, n2, RENAME_EXCHANGE)
             if not src_below:
@@ -378,7 +363,7 @@ class DirOps:
             return
         if target is not None and stat.S_ISDIR(target.st_mode):
             self._clear(up2, n2)
-        if not self.device_whiteouts:
+        if not self.work.device_whiteouts:
             if src_below:
                 make_whiteout_file(up1, n1)  # the old name shows the object until it moves
             os.rename(n1, n2, src_dir_fd=up1, dst_dir_fd=up2)

@@ -1,4 +1,4 @@
-"""File I/O on the object a merged name resolves to.
+"""File I/O on the object an open file was opened for.
 
 Files opened for writing are always upper objects (the engine copies them up
 first); writes go straight to them at the offset the kernel gives.  Reads are
@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import NamedTuple
 
-import pyfuse3
 import trio
 
+from ovlfuse.fs.inode import Inode, fail
 from ovlfuse.fs.layers import Layer
-from ovlfuse.fs.namei import Entry
-from ovlfuse.sys.safeio import open_beneath
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 # Flags passed on to the upper file; O_APPEND is not: the kernel sends the offset.
-_PASSED_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+PASSED_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+
+
+class Opened(NamedTuple):
+    """An open file as the kernel is told of it."""
+
+    fh: int
+    keep_cache: bool  # the page cache survives across opens
+    direct_io: bool  # writes bypass a page cache another name of the object shares
 
 
 def _pread_full(fd: int, size: int, offset: int) -> bytes:
@@ -43,60 +50,60 @@ def _pread_full(fd: int, size: int, offset: int) -> bytes:
 
 
 class OpenFiles:
-    """fh (a real file descriptor) -> the entry it was opened for, and the layer it was opened in.
+    """fh (a real file descriptor) -> the inode it was opened for, and the layer it was opened in.
 
-    A file opened before its copy-up follows the copy (as on the kernel's
-    overlay): the first read after the copy-up reopens it in the upper layer,
-    under the same fh.
+    A file opened before its object's copy-up follows the copy (as on the
+    kernel's overlay): the first read after the copy-up reopens it in the
+    upper layer, under the same fh.
     """
 
+    def __len__(self) -> int:
+        return len(self._files)
+
     def __init__(self) -> None:
-        self._files: dict[int, tuple[Entry, Layer]] = {}
+        self._files: dict[int, tuple[Inode, Layer]] = {}
         self._nowait = True
 
-    def open(self, entry: Entry, flags: int, direct_io: bool = False) -> pyfuse3.FileInfo:
-        """Open the entry's object; ``direct_io`` keeps writes out of a page cache shared with other names."""
-        if flags & WRITE_FLAGS and not entry.layer.is_upper:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        fd = open_beneath(entry.layer.fd, entry.path, (flags & _PASSED_FLAGS) | os.O_NOFOLLOW)
-        return self.adopt(fd, entry, direct_io)
+    def open(self, inode: Inode, flags: int, direct_io: bool = False) -> Opened:
+        if flags & WRITE_FLAGS and not inode.is_upper:
+            raise fail(errno.EROFS)
+        opened = self.adopt(inode.open(flags & PASSED_FLAGS), inode, direct_io)
+        if flags & os.O_TRUNC:
+            inode.stale = True
+        return opened
 
-    def adopt(self, fd: int, entry: Entry, direct_io: bool = False) -> pyfuse3.FileInfo:
-        self._files[fd] = (entry, entry.layer)
-        return pyfuse3.FileInfo(fh=fd, keep_cache=not direct_io, direct_io=direct_io)
+    def adopt(self, fd: int, inode: Inode, direct_io: bool = False) -> Opened:
+        self._files[fd] = (inode, inode.layer)
+        return Opened(fd, not direct_io, direct_io)
 
-    def fd_for(self, entry: Entry) -> int | None:
-        """An open descriptor of ``entry``'s object, if any: it outlives the object's names."""
-        for fh, (opened, layer) in self._files.items():
-            if opened is entry and layer is entry.layer:
-                return fh
-        return None
-
-    def entry(self, fh: int) -> Entry:
+    def inode(self, fh: int) -> Inode:
         try:
             return self._files[fh][0]
         except KeyError:
-            raise pyfuse3.FUSEError(errno.EBADF) from None
+            raise fail(errno.EBADF) from None
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        self.entry(fh)
-        return os.pwrite(fh, data, offset)
+        inode = self.inode(fh)
+        written = os.pwrite(fh, data, offset)
+        inode.stale = True
+        return written
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self.entry(fh)
+        self.inode(fh)
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
 
     def _follow_copy_up(self, fh: int) -> None:
-        entry, layer = self._files[fh]
-        if entry.layer is not layer:
-            fd = open_beneath(entry.layer.fd, entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        inode, layer = self._files[fh]
+        if inode.layer is not layer:
+            fd = inode.open(os.O_RDONLY)
             try:
                 os.dup2(fd, fh)
             finally:
                 os.close(fd)
-            self._files[fh] = (entry, entry.layer)
+            self._files[fh] = (inode, inode.layer)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
+        self.inode(fh)
         self._follow_copy_up(fh)
         if not self._nowait:
             return await trio.to_thread.run_sync(_pread_full, fh, size, offset)
@@ -121,3 +128,7 @@ class OpenFiles:
     def release(self, fh: int) -> None:
         if self._files.pop(fh, None) is not None:
             os.close(fh)
+
+    def close(self) -> None:
+        for fh in list(self._files):
+            self.release(fh)

@@ -1,13 +1,14 @@
-"""Lookup: the merged index of one directory.
+"""Lookup: names of the merged view, and the merged index of a directory.
 
-A directory's merged index is built once, from one listing of each layer that
-contributes to it, and then answers every lookup, negative lookup and readdir
-in that directory with a dictionary hit.  Indexes are cached by merged path,
-not by FUSE node id, so a FORGET from the kernel can never invalidate them;
-the cache is bounded (LRU by entry count) and an evicted index is rebuilt on
-demand from the directory's own entry.
+A directory's merged index is built once, from one listing of each layer
+part of the directory, and then answers every lookup, negative lookup and
+readdir in that directory with a dictionary hit.  The index lives on the
+directory's ``Inode`` and maps each name to an ``Entry``: the name, its
+parent's entry, and the ``Inode`` of the object it names.  Paths are never
+stored; they follow from the parent chain, so renaming a directory moves
+everything below it at once.
 
-Merge rules (shared spec section 2, checked against the kernel):
+Merge rules (the shared spec's section 2, checked against the kernel):
 - layers are searched top-down; the first object or whiteout for a name decides;
 - a directory keeps merging with same-named directories below it until a
   whiteout, a non-directory, or an opaque directory ends the chain;
@@ -15,6 +16,10 @@ Merge rules (shared spec section 2, checked against the kernel):
 - the mount root merges every layer and ignores opaque markers;
 - a merged directory reports nlink 1 and, when it has an upper part, the inode
   number of its topmost lower directory.
+
+The indexes of directories the kernel has forgotten are kept in a bounded
+LRU and dropped beyond it; those the kernel holds stay, since it may ask for
+any name in them at any time.
 """
 
 from __future__ import annotations
@@ -24,62 +29,47 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from ovlfuse.fs import origin
+from ovlfuse.fs.inode import Inode, NodeTable, fail, same_object
 from ovlfuse.fs.layers import Layer, LayerStack
 from ovlfuse.fs.markers import (
     NAME_MAX,
     OPAQUE_FILE,
     WH_PREFIX,
-    is_device_whiteout,
-    is_xattr_whiteout,
+    Marker,
+    is_opaque_dir,
+    is_reserved,
+    is_whiteout,
+    marker_name,
     opaque_value,
 )
 from ovlfuse.sys.safeio import open_beneath
-from ovlfuse.fs.statoverride import Stored
 
 
-
-class Attrs:
-    """The lstat fields the merged view reports: a third of an os.stat_result's memory, kept per name."""
-
-    __slots__ = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize",
-                 "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
-
-    def __init__(self, st: os.stat_result) -> None:
-        self.st_mode, self.st_ino, self.st_nlink = st.st_mode, st.st_ino, st.st_nlink
-        self.st_uid, self.st_gid, self.st_rdev = st.st_uid, st.st_gid, st.st_rdev
-        self.st_size, self.st_blksize, self.st_blocks = st.st_size, st.st_blksize, st.st_blocks
-        self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-
-
-@dataclass(slots=True, eq=False)
 class Entry:
-    """One visible name of the merged view: where its object lives and what it is."""
+    """One name of the merged view (the kernel's dentry): it points to the object it names."""
 
-    path: bytes  # merged path from the mount root (b"" for the root); the same in every layer
-    layer: Layer  # the layer that provides the object (for directories: the topmost part)
-    st: Attrs  # lstat of that object (an os.stat_result assigned here is cut down to Attrs)
-    ino: int = 0  # inode number reported to the kernel
-    dirs: tuple[Layer, ...] = ()  # for directories: every layer whose part is merged in
-    record: tuple[int, Stored | None] | None = None  # a lower object's stat override record, by its inode
+    __slots__ = ("name", "parent", "inode")
 
-    def __setattr__(self, name: str, value: object) -> None:
-        if name == "st" and isinstance(value, os.stat_result):
-            value = Attrs(value)
-        object.__setattr__(self, name, value)
+    def __init__(self, name: bytes, parent: Entry | None, inode: Inode) -> None:
+        self.name = name
+        self.parent = parent  # None for the root
+        self.inode = inode
+
+    def __repr__(self) -> str:
+        return f"<Entry {self.path!r} -> {self.inode.ino}>"
 
     @property
-    def merged(self) -> bool:
-        return len(self.dirs) > 1
-
-    @property
-    def name(self) -> bytes:
-        return self.path.rpartition(b"/")[2]
-
-    def parent_path(self) -> bytes:
-        return self.path.rpartition(b"/")[0]
+    def path(self) -> bytes:
+        """The merged path from the mount root (b"" for the root); the same in every layer."""
+        names = []
+        entry: Entry | None = self
+        while entry is not None and entry.parent is not None:
+            names.append(entry.name)
+            entry = entry.parent
+        names.reverse()
+        return b"/".join(names)
 
 
 def child_path(parent: bytes, name: bytes) -> bytes:
@@ -93,13 +83,15 @@ class _Build:
         self.stack = stack
         self.path = path
         self.is_root = is_root
-        self.entries: dict[bytes, Entry] = {}
+        self.found: dict[bytes, Inode] = {}
         self.hidden: set[bytes] = set()  # whited out above: lower objects of this name are ignored
         self.closed: set[bytes] = set()  # directory chains that no longer merge
         self.second_part_ino: dict[bytes, int] = {}  # real inode of a merged dir's second part
+        self.listed = 0  # parts listed before an opaque one ended the directory
 
     def add_layer(self, layer: Layer, only: bytes | None = None) -> bool:
         """Merge one layer's part of the directory (or just the name ``only``); False if it is opaque (stop)."""
+        self.listed += 1
         # O_PATH for single names: a directory whose listing fails may not open for reading at all
         flags = os.O_DIRECTORY | (os.O_RDONLY if only is None else os.O_PATH)
         try:
@@ -121,72 +113,73 @@ class _Build:
         opaque = marker == b"y" and not self.is_root
         xattr_whiteouts = marker == b"x" and not layer.is_upper
         whiteouts: list[bytes] = []
-        entries, hidden, closed = self.entries, self.hidden, self.closed
+        found, hidden, closed = self.found, self.hidden, self.closed
         for de in listing:
             name = os.fsencode(de.name)
-            if name.startswith(WH_PREFIX):
-                if name == OPAQUE_FILE:
+            by_name = marker_name(name)
+            if by_name is not None:
+                kind, target = by_name
+                if kind is Marker.OPAQUE:
                     opaque = opaque or not self.is_root
                 else:
-                    whiteouts.append(name[len(WH_PREFIX):])
+                    whiteouts.append(target)
                 continue
             if name in hidden:
                 continue
             is_dir = de.is_dir(follow_symlinks=False)
-            known = entries.get(name)
+            known = found.get(name)
             if known is not None:
                 if name not in closed:
                     if is_dir:
-                        if len(known.dirs) == 1:
+                        if len(known.parts) == 1:
                             self.second_part_ino[name] = de.inode()
-                        known.dirs += (layer,)
+                        known.parts += (layer,)
                     else:  # a whiteout or non-directory below a directory ends its chain
                         closed.add(name)
                 continue
             st = de.stat(follow_symlinks=False)
-            if not is_dir:
-                if is_device_whiteout(st) or (xattr_whiteouts and is_xattr_whiteout(fd, name, st)):
-                    whiteouts.append(name)
-                    continue
-                closed.add(name)
-                entry = entries[name] = Entry(child_path(self.path, name), layer, st)
-                if layer.is_upper:  # a copy-up keeps its lower number (0: none)
-                    entry.ino = (self.stack.copied_inos.get(st.st_ino)
-                                 or origin.lower_ino(self.stack, fd, name, st) or 0)
-            else:
-                entries[name] = Entry(child_path(self.path, name), layer, st, dirs=(layer,))
+            if is_dir:
+                found[name] = Inode(0, layer, st, parts=(layer,))
+                continue
+            if is_whiteout(fd, name, st, xattr_whiteouts):
+                whiteouts.append(name)
+                continue
+            closed.add(name)
+            inode = found[name] = Inode(0, layer, st)
+            if layer.is_upper:  # a copy-up keeps its lower number (0: none)
+                inode.ino = (self.stack.copied_inos.get(st.st_ino)
+                             or origin.lower_ino(self.stack, fd, name, st) or 0)
         for name in whiteouts:
-            if name in entries:
+            if name in found:
                 closed.add(name)
             else:
                 hidden.add(name)
         return not opaque
 
-    def finish(self) -> dict[bytes, Entry]:
+    def finish(self) -> dict[bytes, Inode]:
         """Cut merged subdirectories at an opaque top part, and settle inode numbers."""
-        by_layer: dict[int, list[Entry]] = {}
-        for entry in self.entries.values():
-            if len(entry.dirs) > 1:
-                by_layer.setdefault(entry.layer.index, []).append(entry)
+        by_layer: dict[int, list[tuple[bytes, Inode]]] = {}
+        for name, inode in self.found.items():
+            if len(inode.parts) > 1:
+                by_layer.setdefault(inode.layer.index, []).append((name, inode))
         for index, group in by_layer.items():
             layer = self.stack.layers[index]
             fd = open_beneath(layer.fd, self.path, os.O_PATH | os.O_DIRECTORY)
             try:
-                for entry in group:
-                    if _is_opaque_dir(fd, entry.name):
-                        entry.dirs = entry.dirs[:1]
+                for name, inode in group:
+                    if is_opaque_dir(fd, name):
+                        inode.parts = inode.parts[:1]
             finally:
                 os.close(fd)
-        for entry in self.entries.values():
-            if entry.ino:
+        for name, inode in self.found.items():
+            if inode.ino:
                 continue  # settled by its origin
-            real = entry.st.st_ino
-            if entry.merged and entry.layer.is_upper:
-                real = self.second_part_ino[entry.name]  # topmost lower part, as the kernel reports
-                entry.ino = self.stack.ino(entry.dirs[1], real)
+            if inode.merged and inode.is_upper:
+                # topmost lower part, as the kernel reports
+                inode.ino = self.stack.ino(inode.parts[1], self.second_part_ino[name])
             else:
-                entry.ino = self.stack.ino(entry.layer, real)
-        return self.entries
+                inode.ino = self.stack.ino(inode.layer, inode.st.st_ino)
+        return self.found
 
 
 class _Probe:
@@ -221,131 +214,193 @@ def _probe(fd: int, name: bytes) -> list[_Probe]:
     return found
 
 
-def _is_opaque_dir(parent_fd: int, name: bytes) -> bool:
-    if opaque_value(parent_fd, name) == b"y":
-        return True
-    try:
-        os.stat(name + b"/" + OPAQUE_FILE, dir_fd=parent_fd, follow_symlinks=False)
-        return True
-    except OSError:
-        return False
+def merge(stack: LayerStack, path: bytes, parts: Iterable[Layer], is_root: bool,
+          only: bytes | None = None) -> tuple[dict[bytes, Inode], int]:
+    """The merged names of the directory at ``path`` from its ``parts`` (or the name ``only``), and the parts used.
 
-
-def build_index(stack: LayerStack, directory: Entry, is_root: bool) -> dict[bytes, Entry]:
-    """The merged entries of ``directory`` from one listing of each of its parts."""
-    build = _Build(stack, directory.path, is_root)
-    for layer in directory.dirs:
-        if not build.add_layer(layer):
-            break
-    return build.finish()
-
-
-def lookup_one(stack: LayerStack, directory: Entry, name: bytes, is_root: bool) -> Entry | None:
-    """``name`` merged from an lstat in each part, for a directory that cannot be listed.
-
-    A bad block can fail a layer's listing while single names are still
-    found, as the kernel's overlay finds them; the same merge rules apply.
+    The lookup's one merge rule: the index, a single name of a directory that
+    cannot be listed, and the question whether a lower object shows through
+    a name (``Namei.lower_positive``) all come from here.
     """
-    build = _Build(stack, directory.path, is_root)
-    for layer in directory.dirs:
-        if not build.add_layer(layer, name):
+    build = _Build(stack, path, is_root)
+    for layer in parts:
+        if not build.add_layer(layer, only):
             break
-    return build.finish().get(name)
+    return build.finish(), build.listed
 
 
-def root_entry(stack: LayerStack) -> Entry:
+def root_inode(stack: LayerStack) -> tuple[Entry, Inode]:
     """The mount root: every layer's root merged, opaque markers ignored (as the kernel does)."""
     top = stack.layers[0]
     st = os.fstat(top.fd)
-    return Entry(b"", top, st, ino=stack.ino(top, st.st_ino), dirs=tuple(stack.layers))
+    inode = Inode(stack.ino(top, st.st_ino), top, st, parts=tuple(stack.layers))
+    entry = Entry(b"", None, inode)
+    inode.add_alias(entry)
+    return entry, inode
 
 
 class Namei:
-    """Merged-index cache: path -> {name: Entry}, bounded by total entries."""
+    """Merged indexes on directory inodes; those of directories the kernel forgot are an LRU bounded by entries."""
 
     def __init__(self, stack: LayerStack, max_entries: int = 400_000) -> None:
         self.stack = stack
-        self.root = root_entry(stack)
+        self.root_entry, root = root_inode(stack)
+        self.nodes = NodeTable(root)
         self.max_entries = max_entries
-        self._cache: OrderedDict[bytes, dict[bytes, Entry]] = OrderedDict()
-        self._cached_entries = 0
+        self.cached_entries = 0  # names in all built indexes
+        self._idle: OrderedDict[Inode, None] = OrderedDict()  # forgotten directories with an index
 
-    def index(self, directory: Entry) -> dict[bytes, Entry]:
-        entries = self._cache.get(directory.path)
-        if entries is not None:
-            self._cache.move_to_end(directory.path)
-            return entries
-        entries = build_index(self.stack, directory, directory is self.root)
-        self._cache[directory.path] = entries
-        self._cached_entries += len(entries)
-        while self._cached_entries > self.max_entries and len(self._cache) > 1:
-            _, evicted = self._cache.popitem(last=False)
-            self._cached_entries -= len(evicted)
+    @property
+    def root(self) -> Inode:
+        return self.nodes.root
+
+    # --- the index of a directory -------------------------------------------------------
+    def children(self, directory: Inode) -> dict[bytes, Entry]:
+        """The merged index of ``directory``, built on first use (OSError EIO: it cannot be listed)."""
+        children = directory.children
+        if children is not None and directory.complete:
+            if directory in self._idle:
+                self._idle.move_to_end(directory)
+            return children
+        path = directory.path
+        if path is None:  # removed: nothing can be in it
+            found: dict[bytes, Inode] = {}
+            listed = len(directory.parts)
+        else:
+            found, listed = merge(self.stack, path, directory.parts, directory.is_root)
+        directory.parts = directory.parts[:listed]  # an opaque part ends the directory
+        entries = children if children is not None else {}
+        for name, inode in found.items():
+            if name not in entries:
+                entries[name] = self._entry(directory, name, inode)
+        self._indexed(directory, entries, complete=True)
         return entries
 
-    def parent(self, directory: Entry) -> Entry:
-        """The entry of ``directory``'s parent (the root is its own parent)."""
-        entry = self.root
-        if b"/" in directory.path:
-            for name in directory.parent_path().split(b"/"):
-                child = self.child(entry, name)
-                if child is None:
-                    raise KeyError(directory.path)
-                entry = child
+    def _entry(self, directory: Inode, name: bytes, inode: Inode) -> Entry:
+        """A new name in ``directory``'s index, naming the inode the kernel holds for the same object if any."""
+        parent = directory.aliases[0] if directory.aliases else None
+        held = self.nodes.held(inode.ino)
+        if held is not None and same_object(held, inode):
+            inode = held
+        entry = Entry(name, parent, inode)
+        inode.aliases.append(entry)
         return entry
 
-    def drop(self, path: bytes, subtree: bool = False) -> None:
-        """Forget the cached index of ``path`` (and of everything below it)."""
-        doomed = [path] if not subtree else [p for p in self._cache
-                                            if p == path or p.startswith(path + b"/") or not path]
-        for p in doomed:
-            entries = self._cache.pop(p, None)
-            if entries is not None:
-                self._cached_entries -= len(entries)
+    def _indexed(self, directory: Inode, entries: dict[bytes, Entry], complete: bool) -> None:
+        before = 0 if directory.children is None else len(directory.children)
+        directory.children = entries
+        directory.complete = complete
+        self.cached_entries += len(entries) - before
+        if directory.nlookup == 0 and not directory.is_root:
+            self._idle[directory] = None
+            self._idle.move_to_end(directory)
+        self._shrink()
 
-    def put(self, path: bytes, name: bytes, entry: Entry) -> None:
-        """Record a new name in the cached index of ``path`` (if cached)."""
-        entries = self._cache.get(path)
-        if entries is not None:
-            self._cached_entries += name not in entries
-            entries[name] = entry
+    def _shrink(self) -> None:
+        while self.cached_entries > self.max_entries and self._idle:
+            directory, _ = self._idle.popitem(last=False)
+            self._evict(directory)
 
-    def remove(self, path: bytes, name: bytes) -> None:
-        """Forget a removed name in the cached index of ``path`` (if cached)."""
-        entries = self._cache.get(path)
-        if entries is not None and entries.pop(name, None) is not None:
-            self._cached_entries -= 1
+    def _evict(self, directory: Inode) -> None:
+        """Drop the index of a forgotten directory, and the indexes below it."""
+        children = directory.children
+        if children is None:
+            return
+        directory.children = None
+        directory.complete = False
+        self._idle.pop(directory, None)
+        self.cached_entries -= len(children)
+        for entry in children.values():
+            entry.inode.aliases = [a for a in entry.inode.aliases if a is not entry]
+            if entry.inode.children is not None and entry.inode.nlookup == 0:
+                self._evict(entry.inode)
 
-    def find_ino(self, ino: int, besides: Entry) -> Entry | None:
-        """Another cached name of the object ``ino`` (a hard link), if one is cached."""
-        for entries in self._cache.values():
-            for entry in entries.values():
-                if entry.ino == ino and entry is not besides:
-                    return entry
-        return None
+    def held(self, inode: Inode) -> None:
+        """The kernel took its first reference to ``inode``: its index is no longer evictable."""
+        self._idle.pop(inode, None)
 
-    def resolve(self, path: bytes) -> Entry | None:
-        """The entry of a merged path, walking cached indexes from the root."""
-        entry: Entry | None = self.root
-        for name in path.split(b"/") if path else ():
-            if entry is None or not entry.dirs:
-                return None
-            entry = self.child(entry, name)
+    def released(self, inode: Inode) -> None:
+        """The kernel dropped its last reference to ``inode``: its index may go when the cache is full."""
+        if inode.children is not None:
+            self._idle[inode] = None
+            self._shrink()
+
+    # --- changes made through the merged view -------------------------------------------------
+    def add(self, directory: Inode, name: bytes, inode: Inode) -> Entry:
+        """Record a new name in ``directory`` (its index gets it, if built)."""
+        entry = Entry(name, directory.aliases[0] if directory.aliases else None, inode)
+        inode.add_alias(entry)
+        if directory.children is not None:
+            old = directory.children.get(name)
+            if old is not None:
+                old.inode.drop_alias(old)
+            else:
+                self.cached_entries += 1
+            directory.children[name] = entry
         return entry
 
-    def child(self, directory: Entry, name: bytes) -> Entry | None:
-        """``name`` in ``directory``: from its index, or probed alone where the directory cannot be listed."""
+    def discard(self, directory: Inode, name: bytes) -> None:
+        """A name removed from ``directory``."""
+        if directory.children is not None and directory.children.pop(name, None) is not None:
+            self.cached_entries -= 1
+
+    # --- lookups ---------------------------------------------------------------------------
+    def lookup(self, directory: Inode, name: bytes) -> Entry | None:
+        """The entry for ``name`` in ``directory``, or None if the merged view has no such name."""
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        if is_reserved(name):
+            return None  # markers are never names of the merged view
+        if not directory.parts:
+            raise fail(errno.ENOTDIR)
         try:
-            return self.index(directory).get(name)
+            return self.children(directory).get(name)
         except OSError as e:
             if e.errno != errno.EIO:
                 raise
-            return lookup_one(self.stack, directory, name, directory is self.root)
+        return self._lookup_one(directory, name)
 
-    def lookup(self, directory: Entry, name: bytes) -> Entry | None:
-        """The entry for ``name`` in ``directory``, or None if the merged view has no such name."""
-        if len(name) > NAME_MAX:
-            raise OSError(errno.ENAMETOOLONG, "name too long")
-        if name.startswith(WH_PREFIX):
-            return None  # markers are never names of the merged view
-        return self.child(directory, name)
+    def _lookup_one(self, directory: Inode, name: bytes) -> Entry | None:
+        """``name`` merged from an lstat in each part, for a directory that cannot be listed.
+
+        A bad block can fail a layer's listing while single names are still
+        found, as the kernel's overlay finds them; the same merge rules apply.
+        Names found are kept, so a name is probed once.
+        """
+        entries = directory.children if directory.children is not None else {}
+        entry = entries.get(name)
+        if entry is not None:
+            return entry
+        path = directory.path
+        if path is None:
+            return None
+        found, _ = merge(self.stack, path, directory.parts, directory.is_root, only=name)
+        inode = found.get(name)
+        if inode is None:
+            return None
+        entry = entries[name] = self._entry(directory, name, inode)
+        self._indexed(directory, entries, complete=False)
+        return entry
+
+    def lower_positive(self, directory: Inode, name: bytes) -> bool:
+        """Whether a lower object shows through ``name`` in ``directory``: removing the name then needs a whiteout.
+
+        The lookup's own merge over the directory's lower parts, as the
+        kernel asks ``ovl_lower_positive``: an object hidden by a whiteout, an
+        opaque part or a non-directory above it needs none.
+        """
+        lower = [layer for layer in directory.parts if not layer.is_upper]
+        path = directory.path
+        if not lower or path is None:
+            return False
+        found, _ = merge(self.stack, path, lower, directory.is_root, only=name)
+        return name in found
+
+    def resolve(self, path: bytes) -> Entry | None:
+        """The entry of a merged path, walking indexes from the root."""
+        entry: Entry | None = self.root_entry
+        for name in path.split(b"/") if path else ():
+            if entry is None or not entry.inode.parts:
+                return None
+            entry = self.lookup(entry.inode, name)
+        return entry

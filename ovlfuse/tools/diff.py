@@ -21,7 +21,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from ovlfuse.fs.markers import OPAQUE_FILE, OPAQUE_XATTRS, WH_PREFIX, WHITEOUT_XATTRS
+from ovlfuse.fs.markers import OPAQUE_FILE, WH_PREFIX, OvlXattr
+
+OPAQUE_XATTRS = OvlXattr.OPAQUE.forms
+WHITEOUT_XATTRS = OvlXattr.WHITEOUT.forms
 
 BOOKKEEPING_XATTRS = {f"{ns}.overlay.{name}" for ns in ("trusted", "user") for name in ("origin", "impure", "uuid")}
 FIELDS = ("type", "mode", "owner", "size", "symlink", "rdev", "xattrs", "mtime", "content", "hardlink")

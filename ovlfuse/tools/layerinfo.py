@@ -14,7 +14,9 @@ import stat
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from ovlfuse.fs.markers import OPAQUE_FILE, WH_PREFIX, WHITEOUT_XATTRS
+from ovlfuse.fs.markers import OPAQUE_FILE, WH_PREFIX, OvlXattr
+
+WHITEOUT_XATTRS = OvlXattr.WHITEOUT.forms
 
 MARKER_FORMS = ("whiteout-device", "whiteout-xattr", "whiteout-oci",
                 "opaque-trusted", "opaque-user", "opaque-oci", "xwhiteout-dir")

@@ -71,23 +71,23 @@ def explain(stack: LayerStack, path: str) -> dict:
                 "shadows": [], "hidden_by": None}
     namei = Namei(stack)
     probes = {layer.index: probe(layer, rel) for layer in stack.layers}
-    directory: Entry | None = namei.root
+    directory: Entry = namei.root_entry
     parts = rel.split(b"/")
     entry = None
     for i, part in enumerate(parts):
         try:
-            entry = namei.lookup(directory, part)
+            entry = namei.lookup(directory.inode, part)
         except OSError as e:
             raise OvlError(f"{path}: {os.strerror(e.errno or errno.EINVAL)}") from None
-        if entry is None or (i < len(parts) - 1 and not stat.S_ISDIR(entry.st.st_mode)):
+        if entry is None or (i < len(parts) - 1 and not stat.S_ISDIR(entry.inode.st.st_mode)):
             return _hidden(stack, path, rel, b"/".join(parts[: i + 1]), entry, probes)
         directory = entry
     assert entry is not None
-    provided = entry.dirs if entry.dirs else (entry.layer,)
+    provided = entry.inode.parts or (entry.inode.layer,)
     used = {layer.index for layer in provided}
     shadows = [f"{_layer_name(layer)}: {probes[layer.index]}" for layer in stack.layers
                if layer.index > provided[0].index and layer.index not in used and probes[layer.index]]
-    return {"path": path, "visible": True, "type": _kind(entry.st.st_mode),
+    return {"path": path, "visible": True, "type": _kind(entry.inode.st.st_mode),
             "provided_by": [_layer_name(layer) for layer in provided], "shadows": shadows, "hidden_by": None}
 
 
@@ -95,7 +95,7 @@ def _hidden(stack: LayerStack, path: str, rel: bytes, stop: bytes, entry: Entry 
     """Why ``rel`` is not visible: the merge stopped at ``stop`` (missing, or not a directory)."""
     result = {"path": path, "visible": False, "provided_by": [], "shadows": [], "hidden_by": None}
     if entry is not None:
-        result["hidden_by"] = f"{stop.decode(errors='replace')} is a {_kind(entry.st.st_mode)} in {_layer_name(entry.layer)}"
+        result["hidden_by"] = f"{stop.decode(errors='replace')} is a {_kind(entry.inode.st.st_mode)} in {_layer_name(entry.inode.layer)}"
         return result
     stop_probes = {layer.index: probe(layer, stop) for layer in stack.layers}
     for layer in stack.layers:
