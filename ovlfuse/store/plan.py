@@ -132,8 +132,10 @@ def read_chain(root: str, layer_dir: str) -> list[str]:
     """The diff directories named by ``layer_dir/lower``, nearest first ([] for a base layer)."""
     name = os.path.basename(layer_dir)
     lower_file = os.path.join(layer_dir, "lower")
-    if not os.path.exists(lower_file):
+    if not os.path.lexists(lower_file):
         return []
+    if os.path.islink(lower_file):
+        raise OvlError(f"{lower_file} is a symlink; refusing to follow it out of the layer (the store is damaged)")
     try:
         with open(lower_file, encoding="utf-8") as f:
             text = f.read().strip()
