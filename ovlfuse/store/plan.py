@@ -148,7 +148,9 @@ def read_chain(root: str, layer_dir: str) -> list[str]:
     chain: list[str] = []
     for entry in text.split(":"):
         diff = _resolve_link(root, real_root, entry, name)
-        if diff in chain or diff == own_diff:
+        if diff == own_diff:
+            raise OvlError(f"layer {name}: its lower chain lists {entry}, its own diff; the store is damaged")
+        if diff in chain:
             raise OvlError(f"layer {name}: its lower chain lists {entry} twice; the store is damaged")
         chain.append(diff)
     return chain
