@@ -201,12 +201,32 @@ def _existing_dir(path: str, option: str) -> str:
     return real
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Whether real paths ``a`` and ``b`` are one directory or one lies inside the other."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _check_separate(named: list[tuple[str, str, str]]) -> None:
+    """Layers must not overlap, as the kernel's overlay requires: a write through the upper would change a lower.
+
+    ``named``: (option, path as given, real path) of each layer directory.
+    """
+    for i, (opt_a, given_a, a) in enumerate(named):
+        for opt_b, given_b, b in named[i + 1:]:
+            if _overlap(a, b):
+                same = "are the same directory" if a == b else "overlap (one is inside the other)"
+                raise OvlError(f"{opt_a} {given_a} and {opt_b} {given_b} {same}; "
+                               "give separate directories, as for the kernel's overlay")
+
+
 def plan_from_options(opts: MountOptions, label: str | None) -> MountPlan:
     if not opts.lowerdir:
         raise OvlError("-o needs lowerdir=DIR[:DIR...] (and upperdir=, workdir= for a writable mount)")
     lowers = [_existing_dir(p, "lowerdir") for p in opts.lowerdir]
+    named = [("lowerdir", given, real) for given, real in zip(opts.lowerdir, lowers)]
     name = label or opts.fsname or "ovlfuse"
     if opts.upperdir is None:
+        _check_separate(named)
         return MountPlan(lowers=lowers, label=name)
     if opts.workdir is None:
         raise OvlError("upperdir needs workdir=DIR on the same filesystem, as for the kernel's overlay")
@@ -214,9 +234,6 @@ def plan_from_options(opts: MountOptions, label: str | None) -> MountPlan:
     work = _existing_dir(opts.workdir, "workdir")
     if os.stat(upper).st_dev != os.stat(work).st_dev:
         raise OvlError(f"workdir {opts.workdir} must be on the same filesystem as upperdir {opts.upperdir}")
-    if (work + "/").startswith(upper + "/") or (upper + "/").startswith(work + "/"):
-        raise OvlError("upperdir and workdir must be separate directories, neither inside the other")
-    if upper in lowers:
-        raise OvlError(f"upperdir {opts.upperdir} is also a lowerdir")
+    _check_separate([("upperdir", opts.upperdir, upper), ("workdir", opts.workdir, work), *named])
     plan = MountPlan(lowers=lowers, upper=upper, workdir=work, label=name)
     return plan.as_read_only() if opts.read_only else plan
