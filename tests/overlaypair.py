@@ -144,21 +144,20 @@ class Mounted:
         return self.daemon.pid if self.daemon else None
 
 
-def on_both(base: str | os.PathLike, make_layers: Callable[[Path], Layers], scenario: Callable[[Mounted], T],
-            options: Sequence[str] = (), *, fuse_options: Sequence[str] = (),
-            filesystems: Sequence[str] = FILESYSTEMS) -> dict[str, T]:
-    """``scenario`` run under each filesystem in turn, on fresh layers ``make_layers(base/FS)``: FS -> result.
+def on_both(base: str | os.PathLike, make_layers: Callable[[Path], Layers], scenario: Callable[[Mounted], T], *,
+            fuse_options: Sequence[str] = ()) -> dict[str, T]:
+    """``scenario`` run under the kernel, then ovlfuse, each on fresh layers ``make_layers(base/FS)``: FS -> result.
 
-    The mount point is ``base/FS/mnt``.
+    The mount point is ``base/FS/mnt``; ``fuse_options`` go to ovlfuse alone.
     """
     results = {}
-    for fs in filesystems:
+    for fs in FILESYSTEMS:
         where = Path(base) / fs
         where.mkdir(parents=True, exist_ok=True)
         layers = make_layers(where)
         mnt = where / "mnt"
         mnt.mkdir(exist_ok=True)
-        with mount(fs, layers, mnt, options, fuse_options=fuse_options) as daemon:
+        with mount(fs, layers, mnt, fuse_options=fuse_options) as daemon:
             results[fs] = scenario(Mounted(fs, mnt, layers, daemon))
     return results
 
@@ -166,7 +165,7 @@ def on_both(base: str | os.PathLike, make_layers: Callable[[Path], Layers], scen
 # --- as an ordinary user ---------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def user_mount(user: OrdinaryUser, layers: Layers, mnt: str, options: Sequence[str] = ()) -> Iterator[None]:
+def user_mount(user: OrdinaryUser, layers: Layers, mnt: str) -> Iterator[None]:
     """ovlfuse started by ``user`` as a user starts it (in the background, with ``--pid-file``).
 
     Unmounted with the user's ``fusermount3 -u`` (root's ``umount -l`` as a
@@ -174,7 +173,7 @@ def user_mount(user: OrdinaryUser, layers: Layers, mnt: str, options: Sequence[s
     """
     pid_file = f"{mnt}.pid"
     try:
-        mounted = user.run("--pid-file", pid_file, *layers.ovlfuse_args(options), mnt)
+        mounted = user.run("--pid-file", pid_file, *layers.ovlfuse_args(), mnt)
         assert mounted.returncode == 0, mounted.stderr
         yield
     finally:
