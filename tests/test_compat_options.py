@@ -8,46 +8,20 @@ gives for the same calls with real owners.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import stat
 import subprocess
 import tempfile
-import time
-from collections.abc import Iterator
 
 import pytest
 
-from mounts import is_mounted, kernel_mount, ovlfuse_mount, run_ovlfuse
+from mounts import is_mounted, ovlfuse_mount, run_ovlfuse
+from overlaypair import Layers, mount
 from treesnap import differences, snapshot
 
 CONTAINERS = "user.containers.override_stat"
 PRIVILEGED = "security.fuseoverlayfs.override_stat"
-
-
-@contextlib.contextmanager
-def fuse_overlayfs(opts: str, mountpoint: str) -> Iterator[None]:
-    """fuse-overlayfs in the foreground, unmounted and ended by its PID."""
-    proc = subprocess.Popen(["fuse-overlayfs", "-f", "-o", opts, mountpoint],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mountpoint):
-            if proc.poll() is not None:
-                raise RuntimeError(f"fuse-overlayfs exited with {proc.returncode}: {proc.stderr.read()}")
-            assert time.monotonic() < deadline, "fuse-overlayfs did not mount"
-            time.sleep(0.02)
-        yield
-    finally:
-        subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if is_mounted(mountpoint):
-            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
 
 
 def _dirs(tmp_path, tag: str) -> tuple[str, str, str]:
@@ -98,10 +72,9 @@ MAPPINGS = [
 def test_owner_mapping_and_static_nlink_match_fuse_overlayfs(tmp_path, options):
     lower = _owned_lower(tmp_path)
     results = []
-    for tag, mount in (("fo", fuse_overlayfs), ("ovl", None)):
+    for tag, fs in (("fo", "fuse-overlayfs"), ("ovl", "ovlfuse")):
         upper, work, mnt = _dirs(tmp_path, tag)
-        opts = f"lowerdir={lower},upperdir={upper},workdir={work},{options}"
-        with (mount(opts, mnt) if mount else ovlfuse_mount(["-o", opts, mnt], mnt)):
+        with mount(fs, Layers.dirs([lower], upper, work), mnt, [options]):
             before = _owners(mnt, "static_nlink" in options)
             _change(mnt)
             after = _owners(mnt, "static_nlink" in options)
@@ -260,12 +233,12 @@ def _base_lower(tmp_path) -> str:
 def test_xattr_permissions_keep_changes_in_records_with_the_kernels_view(tmp_path, level, record):
     lower = _base_lower(tmp_path)
     upper, work, mnt = _dirs(tmp_path, "k")
-    with kernel_mount([lower], mnt, upper, work):
+    with mount("kernel", Layers.dirs([lower], upper, work), mnt):
         _calls(mnt)
         expected = snapshot(mnt, with_times=False)
     upper, work, mnt = _dirs(tmp_path, f"x{level}")
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work},xattr_permissions={level}"
-    with ovlfuse_mount(["-o", opts, mnt], mnt):
+    layers = Layers.dirs([lower], upper, work)
+    with mount("ovlfuse", layers, mnt, [f"xattr_permissions={level}"]):
         _calls(mnt)
         assert differences(expected, snapshot(mnt, with_times=False)) == []
     # Real owners and modes stay the daemon's; the records hold what was asked.
@@ -277,7 +250,7 @@ def test_xattr_permissions_keep_changes_in_records_with_the_kernels_view(tmp_pat
     assert os.getxattr(os.path.join(upper, "nd"), record) == b"5:6:2775:dir"
     assert os.getxattr(upper, record).endswith(b":dir")  # the upper is marked as a record layer
     # A second mount, without the option, reads the records back.
-    with ovlfuse_mount(["-o", f"lowerdir={lower},upperdir={upper},workdir={work}", mnt], mnt):
+    with mount("ovlfuse", layers, mnt):
         assert differences(expected, snapshot(mnt, with_times=False)) == []
         with pytest.raises(PermissionError):
             os.setxattr(os.path.join(mnt, "a"), record, b"0:0:0777:file")

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from mounts import kernel_mount, ovlfuse_mount
+from mounts import ovlfuse_mount
+from overlaypair import Layers, Mounted, on_both
 
 GiB = 1 << 30
 
@@ -212,24 +213,25 @@ CAPABILITY = (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little"
 
 def test_file_capability_survives_copy_up_as_on_the_kernel(tmp_path):
     """A copy-up by chmod, utimes or a user xattr keeps security.capability; the kernel's upper gets the same."""
-    seen = {}
-    for kind in ("kernel", "ovlfuse"):
-        base = tmp_path / kind
-        lower, upper, work, mnt = (base / n for n in ("lower", "upper", "work", "mnt"))
-        for d in (lower, upper, work, mnt):
+    def make_layers(base) -> Layers:
+        lower, upper, work = (base / n for n in ("lower", "upper", "work"))
+        for d in (lower, upper, work):
             d.mkdir(parents=True)
         for name in ("chmod", "utime", "xattr"):
             (lower / name).write_bytes(b"\x7fELF")
             os.chmod(lower / name, 0o755)
             os.setxattr(lower / name, "security.capability", CAPABILITY)
-        mount = (kernel_mount([str(lower)], str(mnt), upper=str(upper), work=str(work)) if kind == "kernel"
-                 else ovlfuse_mount(["-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)], str(mnt)))
-        with mount:
-            os.chmod(mnt / "chmod", 0o750)
-            os.utime(mnt / "utime", (1, 1))
-            os.setxattr(mnt / "xattr", "user.note", b"x")
-            seen[kind] = {name: (os.getxattr(mnt / name, "security.capability"),
-                                 os.getxattr(upper / name, "security.capability"))
-                          for name in ("chmod", "utime", "xattr")}
+        return Layers.dirs([lower], upper, work)
+
+    def scenario(m: Mounted) -> dict[str, tuple[bytes, bytes]]:
+        mnt = m.path
+        os.chmod(mnt / "chmod", 0o750)
+        os.utime(mnt / "utime", (1, 1))
+        os.setxattr(mnt / "xattr", "user.note", b"x")
+        return {name: (os.getxattr(mnt / name, "security.capability"),
+                       os.getxattr(os.path.join(m.layers.upper, name), "security.capability"))
+                for name in ("chmod", "utime", "xattr")}
+
+    seen = on_both(tmp_path, make_layers, scenario)
     assert seen["ovlfuse"] == seen["kernel"]
     assert all(merged == stored == CAPABILITY for merged, stored in seen["ovlfuse"].values())

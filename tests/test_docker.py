@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from mounts import is_mounted, kernel_mount, ovlfuse_mount, run_ovlfuse
+from mounts import is_mounted, ovlfuse_mount, run_ovlfuse
+from overlaypair import Layers, mount
 from ovlfuse.sys.mountinfo import mount_points
 from stores import fingerprint, write
 from treesnap import Snapshot, differences, snapshot
@@ -234,11 +235,7 @@ def _ovlfuse_view(docker: Docker, name: str, mnt: str, *extra: str) -> Snapshot:
 
 
 def _kernel_image_view(docker: Docker, image: str, mnt: str) -> Snapshot:
-    chain = docker.chain("image", image)
-    if len(chain) == 1:  # the kernel wants two lowers without an upper
-        chain.append(os.path.join(os.path.dirname(mnt), "empty"))
-        os.makedirs(chain[-1], exist_ok=True)
-    with kernel_mount(chain, mnt, extra="ro"):
+    with mount("kernel", Layers.dirs(docker.chain("image", image)), mnt, ["ro"]):
         return snapshot(mnt)
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mounts import kernel_mount, ovlfuse_mount
+from overlaypair import Layers, mount
 from stores import fingerprint
 from treesnap import differences, snapshot
 
@@ -55,15 +55,6 @@ def _tree(root: Path) -> list[tuple[str, str]]:
             path = os.path.join(dirpath, name)
             out.append((os.path.relpath(path, root), stat.filemode(os.lstat(path).st_mode)[0]))
     return sorted(out)
-
-
-def _overlay(kind: str, lowers: list[Path], upper: Path, work: Path,
-             mnt: Path) -> contextlib.AbstractContextManager:
-    """A kernel or an ovlfuse mount of the same layers."""
-    if kind == "kernel":
-        return kernel_mount([str(p) for p in lowers], str(mnt), upper=str(upper), work=str(work))
-    return ovlfuse_mount(["-o", f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}", str(mnt)],
-                         str(mnt))
 
 
 def _dirs(base: Path, *names: str) -> list[Path]:
@@ -155,7 +146,7 @@ def test_bad_block_in_a_lower_file_fails_only_the_calls_that_need_it(tmp_path):
         results, uppers = {}, {}
         for kind in ("kernel", "ovlfuse"):
             upper, work, mnt = _dirs(tmp_path / kind, "upper", "work", "mnt")
-            with _overlay(kind, [lower], upper, work, mnt):
+            with mount(kind, Layers.dirs([lower], upper, work), mnt):
                 results[kind] = _bad_block_calls(mnt, contents)
             uppers[kind] = _tree(upper)
             if kind == "ovlfuse":
@@ -171,7 +162,7 @@ def test_callers_keep_being_served_while_others_hit_bad_blocks(tmp_path):
     """Threads that keep hitting EIO run next to readers, listers and writers, who never fail."""
     with _rotten_btrfs(tmp_path) as (lower, contents):
         upper, work, mnt = _dirs(tmp_path, "upper", "work", "mnt")
-        with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
+        with mount("ovlfuse", Layers.dirs([lower], upper, work), mnt) as daemon:
             stop = threading.Event()
             failures: list[str] = []
             served: dict[str, list[int]] = {"bad": [], "good": []}  # list.append is atomic; += is not
@@ -273,7 +264,7 @@ def test_bad_metadata_block_in_a_lower_directory_fails_that_directory_alone(tmp_
         results, lookups = {}, {}
         for kind in ("kernel", "ovlfuse"):
             upper, work, mnt = _dirs(tmp_path / kind, "upper", "work", "mnt")
-            with _overlay(kind, [lower], upper, work, mnt) as daemon:
+            with mount(kind, Layers.dirs([lower], upper, work), mnt) as daemon:
                 results[kind] = [
                     ("list", _errno(lambda: os.listdir(mnt / "big"))),
                     ("list another", sorted(os.listdir(mnt / "good")), sorted(os.listdir(mnt))),
@@ -394,7 +385,7 @@ def test_full_upper_gives_enospc_and_the_mount_serves_on(tmp_path):
                         str(upper_fs)], check=True)
         try:
             upper, work = _dirs(upper_fs, "upper", "work")
-            with _overlay(kind, [lower], upper, work, mnt) as daemon:
+            with mount(kind, Layers.dirs([lower], upper, work), mnt) as daemon:
                 results[kind] = _fill_upper(mnt, upper_fs, lower)
                 # Whiteouts are links of the one made first (on both), so once one is made a lower file
                 # can still be deleted when the upper is out of inodes (a rename's whiteout is new: ENOSPC above).
@@ -448,7 +439,7 @@ def test_killed_while_removing_lower_names_leaves_each_name_whole_or_whited_out(
     before = fingerprint(str(lower))
     script = (f"import os\nfor name in {names!r}:\n"
               f"    (os.rmdir if name.startswith('d') else os.unlink)(os.path.join({str(mnt)!r}, name))\n")
-    with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
+    with mount("ovlfuse", Layers.dirs([lower], upper, work), mnt) as daemon:
         remover = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
         _kill_when(daemon, remover, lambda: len(os.listdir(upper)) >= len(names) // 3)
     whiteouts = set(os.listdir(upper))
@@ -456,7 +447,7 @@ def test_killed_while_removing_lower_names_leaves_each_name_whole_or_whited_out(
         st = os.lstat(upper / name)
         assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, f"{name} in upper is not a whiteout"
     assert len(names) // 3 <= len(whiteouts) < len(names), "the kill did not land in the middle"
-    with _overlay("ovlfuse", [lower], upper, work, mnt):
+    with mount("ovlfuse", Layers.dirs([lower], upper, work), mnt):
         assert os.listdir(work / "work") == [], "work/ is cleaned at mount"
         seen = set(os.listdir(mnt))
         assert seen == set(names) - whiteouts
@@ -467,7 +458,7 @@ def test_killed_while_removing_lower_names_leaves_each_name_whole_or_whited_out(
                 assert (mnt / name).read_text() == f"{name}\n"
     kernel_work = tmp_path / "kernel-work"
     kernel_work.mkdir()
-    with kernel_mount([str(lower)], str(mnt), upper=str(upper), work=str(kernel_work)):
+    with mount("kernel", Layers.dirs([lower], upper, kernel_work), mnt):
         assert set(os.listdir(mnt)) == seen, "the kernel reads the upper dir the same way"
     assert fingerprint(str(lower)) == before
 
@@ -530,7 +521,7 @@ def _common_prefix(path: Path, flip: bool) -> int:
 def _kill_mid_write(lower: Path, upper: Path, work: Path, mnt: Path, name: str, stop: int, flip: bool,
                     kill_at: int) -> int:
     """Write ``stop`` chunks to ``name`` through a mount, kill -9 the daemon after ``kill_at``; the bytes acknowledged."""
-    with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
+    with mount("ovlfuse", Layers.dirs([lower], upper, work), mnt) as daemon:
         writer, progress, reader = _write_in_a_child(mnt / name, stop, flip=flip)
         _kill_when(daemon, writer, lambda: progress["acked"] >= kill_at * CHUNK)
         reader.join()
@@ -551,7 +542,7 @@ def test_killed_while_writing_a_new_file_keeps_every_acknowledged_byte(tmp_path)
     (lower / "other").write_text("other\n")
     before = fingerprint(str(lower))
     acked = _kill_mid_write(lower, upper, work, mnt, "new", stop=256, flip=False, kill_at=32)
-    with _overlay("ovlfuse", [lower], upper, work, mnt):
+    with mount("ovlfuse", Layers.dirs([lower], upper, work), mnt):
         size = os.stat(mnt / "new").st_size
         assert acked <= size <= acked + CHUNK
         assert _common_prefix(mnt / "new", flip=False) == size
@@ -569,7 +560,7 @@ def test_killed_while_overwriting_a_copied_up_file_keeps_the_rest_of_the_old_dat
             f.write(_chunk(i))
     before = fingerprint(str(lower))
     acked = _kill_mid_write(lower, upper, work, mnt, "old", stop=stop, flip=True, kill_at=16)
-    with _overlay("ovlfuse", [lower], upper, work, mnt):
+    with mount("ovlfuse", Layers.dirs([lower], upper, work), mnt):
         assert os.stat(mnt / "old").st_size == stop * CHUNK
         written = _common_prefix(mnt / "old", flip=True)
         assert acked <= written <= acked + CHUNK
@@ -692,7 +683,7 @@ def test_planted_symlinks_are_never_followed_out_of_the_store(tmp_path):
         lowers, upper, work, mnt, protected = _planted(base)
         before = (fingerprint(str(protected)), snapshot(str(protected)))
         lower_before = [fingerprint(str(lower)) for lower in lowers]
-        with _overlay(kind, lowers, upper, work, mnt):
+        with mount(kind, Layers.dirs(lowers, upper, work), mnt):
             results[kind] = _through_planted_links(mnt)
             views[kind] = snapshot(str(mnt), with_times=False)
         uppers[kind] = _tree(upper)
@@ -725,7 +716,7 @@ def test_directories_swapped_for_links_under_the_mount_lead_nowhere(tmp_path):
         (upper / "up").mkdir()
         (upper / "up" / "g").write_text("upper g\n")
         before = (fingerprint(str(protected)), snapshot(str(protected)))
-        with _overlay(kind, [lower], upper, work, mnt) as daemon:
+        with mount(kind, Layers.dirs([lower], upper, work), mnt) as daemon:
             assert sorted(os.listdir(mnt)) == ["low", "up"] and os.listdir(mnt / "low") == ["f"]
             assert os.listdir(mnt / "up") == ["g"]
             _swap_for_link(lower / "low", protected)
@@ -770,7 +761,7 @@ def test_links_planted_in_the_workdir_are_removed_not_followed(tmp_path):
         os.symlink("../../../protected", planted / "dir" / "rel-link")
         os.symlink(str(protected / "sub"), planted / "dir" / "sub")
         before = (fingerprint(str(protected)), snapshot(str(protected)))
-        with _overlay(kind, [lower], upper, work, mnt):
+        with mount(kind, Layers.dirs([lower], upper, work), mnt):
             os.unlink(mnt / "f")  # a whiteout made in work/ and moved into place
             assert os.listdir(mnt) == []
             if kind == "ovlfuse":
@@ -796,7 +787,7 @@ def test_data_acknowledged_by_fsync_survives_a_power_cut(tmp_path):
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
     with _loop_mount(image, fs, "rw,commit=600"):  # no periodic journal commit while the image is copied
         upper, work = _dirs(fs, "upper", "work")
-        with _overlay("ovlfuse", [lower], upper, work, mnt) as daemon:
+        with mount("ovlfuse", Layers.dirs([lower], upper, work), mnt) as daemon:
             new = os.open(mnt / "new", os.O_WRONLY | os.O_CREAT, 0o644)
             copied = os.open(mnt / "old", os.O_WRONLY)
             for i in range(16):

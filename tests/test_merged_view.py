@@ -6,23 +6,12 @@ import os
 
 import pytest
 
-from mounts import kernel_mount, ovlfuse_mount
-from stores import Store, fingerprint, kernel_twin, real_origins, rich_store
+from overlaypair import Layers, mount
+from stores import fingerprint, kernel_twin, real_origins, rich_store
 from treesnap import differences, snapshot
 
 # total layers in the chain -> filler layers between the middle and the image top
 DEPTHS = {4: 0, 128: 124, 500: 496}
-
-
-def _kernel_view(store: Store, layer, mnt: str, read_only: bool, empty: str):
-    cwd = os.path.join(store.root, "l")
-    own = f"../{os.path.basename(layer.dir)}"
-    if read_only:
-        lowers = [f"{own}/diff"] + layer.chain
-        if len(lowers) == 1:
-            lowers.append(empty)  # the kernel wants two lowers without an upper
-        return kernel_mount(lowers, mnt, cwd=cwd)
-    return kernel_mount(layer.chain, mnt, upper=f"{own}/diff", work=f"{own}/work", cwd=cwd)
 
 
 def _provenance(snap, origins):
@@ -38,14 +27,14 @@ def _compare(tmp_path, depth: int, which: str) -> None:
         layer, ktwin_layer, read_only = store.image_top, twin.image_top, True
     else:  # the base layer alone: a chain of one
         layer, ktwin_layer, read_only = store.layers[-1], twin.layers[-1], True
-    kmnt, omnt, empty = (tmp_path / n for n in ("kmnt", "omnt", "empty"))
-    for d in (kmnt, omnt, empty):
+    kmnt, omnt = (tmp_path / n for n in ("kmnt", "omnt"))
+    for d in (kmnt, omnt):
         d.mkdir()
     before = fingerprint(store.root)
-    with _kernel_view(twin, ktwin_layer, str(kmnt), read_only, str(empty)):
+    with mount("kernel", Layers.of_layer(twin.root, ktwin_layer, read_only), kmnt):
         expected = snapshot(str(kmnt))
         expected_again = snapshot(str(kmnt))
-    with ovlfuse_mount(["--root", store.root, os.path.basename(layer.dir), str(omnt)], str(omnt)):
+    with mount("ovlfuse", Layers.of_layer(store.root, layer, read_only), omnt):
         actual = snapshot(str(omnt))
         actual_again = snapshot(str(omnt))
     assert len(expected.records) > 40

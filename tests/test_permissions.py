@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from mounts import kernel_mount, ovlfuse_mount
+from overlaypair import Layers, Mounted, mount, on_both
 from users import ordinary_user
 
 PROBE = r'''
@@ -99,23 +99,19 @@ def user():
 
 
 def test_another_user_gets_what_the_kernel_gives(user):
-    results = {}
-    for fs in ("kernel", "ovlfuse"):
-        base = os.path.join(user.home, fs)
-        os.mkdir(base)
+    def make_layers(base) -> Layers:
         os.chmod(base, 0o755)
-        lower, lower2 = _layers(base, user.uid, user.gid)
-        upper, work, mnt = (os.path.join(base, n) for n in ("upper", "work", "mnt"))
-        for d in (upper, work, mnt):
+        lower, lower2 = _layers(str(base), user.uid, user.gid)
+        upper, work = (os.path.join(base, n) for n in ("upper", "work"))
+        for d in (upper, work):
             os.mkdir(d)
         os.chmod(upper, 0o755)
-        if fs == "kernel":
-            with kernel_mount([lower, lower2], mnt, upper=upper, work=work):
-                results[fs] = _probe(user, mnt)
-        else:
-            opts = f"lowerdir={lower}:{lower2},upperdir={upper},workdir={work},allow_other"
-            with ovlfuse_mount(["-o", opts, mnt], mnt):
-                results[fs] = _probe(user, mnt)
+        return Layers.dirs([lower, lower2], upper, work)
+
+    def probe(m: Mounted) -> list:
+        return _probe(user, str(m.path))
+
+    results = on_both(user.home, make_layers, probe, fuse_options=["allow_other"])
     kernel, ours = dict(results["kernel"]), dict(results["ovlfuse"])
     assert "ok" in kernel.values() and "EACCES" in kernel.values() and "EPERM" in kernel.values()
     assert ours == kernel, {k: (kernel[k], ours[k]) for k in kernel if kernel[k] != ours[k]}
@@ -128,7 +124,7 @@ def test_without_allow_other_other_users_are_shut_out(user):
     lower, lower2 = _layers(base, user.uid, user.gid)
     mnt = os.path.join(base, "mnt")
     os.mkdir(mnt)
-    with ovlfuse_mount(["-o", f"lowerdir={lower}:{lower2}", mnt], mnt):
+    with mount("ovlfuse", Layers.dirs([lower, lower2]), mnt):
         result = user.python_run("-c", f"import os; os.listdir({mnt!r})")
         assert result.returncode != 0 and "PermissionError" in result.stderr
         assert subprocess.run(["ls", mnt], capture_output=True).returncode == 0

@@ -8,31 +8,21 @@ import stat
 
 import pytest
 
-from mounts import kernel_mount, ovlfuse_mount
+from overlaypair import Layers, on_both
 
 
-def _layers(base) -> dict:
-    lower, lower2, upper, work, mnt = (base / n for n in ("lower", "lower2", "upper", "work", "mnt"))
-    for d in (lower / "dir", lower2, upper, work, mnt):
+def _layers(base) -> Layers:
+    lower, lower2, upper, work = (base / n for n in ("lower", "lower2", "upper", "work"))
+    for d in (lower / "dir", lower2, upper, work):
         d.mkdir(parents=True)
     (lower / "dir" / "old").write_text("lower old\n")
     (lower / "dir" / "other").write_text("lower other\n")
-    return {"lower": lower, "lower2": lower2, "upper": upper, "work": work, "mnt": mnt}
+    return Layers.dirs([lower, lower2], upper, work)
 
 
 def _on_both(tmp_path, scenario) -> None:
     """Run ``scenario(mnt)`` on a kernel mount and an ovlfuse mount; results must match."""
-    results = {}
-    for fs in ("kernel", "ovlfuse"):
-        d = _layers(tmp_path / fs)
-        mnt = str(d["mnt"])
-        if fs == "kernel":
-            ctx = kernel_mount([str(d["lower"]), str(d["lower2"])], mnt, upper=str(d["upper"]), work=str(d["work"]))
-        else:
-            ctx = ovlfuse_mount(["-o", f"lowerdir={d['lower']}:{d['lower2']},upperdir={d['upper']},"
-                                 f"workdir={d['work']}", mnt], mnt)
-        with ctx:
-            results[fs] = scenario(d["mnt"])
+    results = on_both(tmp_path, _layers, lambda m: scenario(m.path))
     assert results["ovlfuse"] == results["kernel"]
 
 

@@ -17,17 +17,13 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import signal
 import stat
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 import treesnap
-from mounts import is_mounted
+from overlaypair import Layers, kernel_command, user_mount
 from ovlfuse.tools.demo import StoreWriter
 from stores import device_whiteout, write
 from treesnap import Snapshot, differences
@@ -62,14 +58,6 @@ EXPECTED_UPPER = {
 }
 
 
-@dataclass
-class Layers:
-    lowers: list[str]  # topmost first
-    upper: str
-    work: str
-    mount_args: list[str]  # how the user names them to ovlfuse
-
-
 def _lower_content(base: str, image: str) -> None:
     """A base layer, and an image layer above it with a whiteout and an opaque dir in the user's forms."""
     write(f"{base}/d/f", "f\n")
@@ -99,9 +87,7 @@ def _store_layers(base_dir: str) -> Layers:
     _lower_content(base.diff, image.diff)
     sw.commit(base)
     sw.commit(image)
-    container = sw.layer(image, seed="container")
-    return Layers([image.diff, base.diff], container.diff, os.path.join(container.dir, "work"),
-                  ["--root", sw.root, container.id])
+    return Layers.of_layer(sw.root, sw.layer(image, seed="container"))
 
 
 def _dir_layers(base_dir: str) -> Layers:
@@ -110,12 +96,7 @@ def _dir_layers(base_dir: str) -> Layers:
     _lower_content(lowers[1], lowers[0])
     os.makedirs(upper)
     os.makedirs(work)
-    return Layers(lowers, upper, work, ["-o", f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"])
-
-
-def _as_user(user: OrdinaryUser, *command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", *command],
-                          capture_output=True, text=True, cwd=user.home, timeout=120)
+    return Layers.dirs(lowers, upper, work)
 
 
 def _snapshot_in_user_namespace(user: OrdinaryUser, root: str, mount_first: str = "") -> Snapshot:
@@ -126,8 +107,8 @@ def _snapshot_in_user_namespace(user: OrdinaryUser, root: str, mount_first: str 
     out = os.path.join(user.home, "snapshot.pickle")
     take = f'{user.python} -c "import pickle, sys, treesnap; pickle.dump(treesnap.snapshot(sys.argv[1]), ' \
            f'open(sys.argv[2], \'wb\'))" {root} {out}'
-    done = _as_user(user, "env", f"PYTHONPATH={user.pythonpath}:{user.home}/tests", "unshare", "-Urm",
-                    "sh", "-c", f"{mount_first}{take}")
+    done = user.command("env", f"PYTHONPATH={user.pythonpath}:{user.home}/tests", "unshare", "-Urm",
+                        "sh", "-c", f"{mount_first}{take}", timeout=120)
     assert done.returncode == 0, done.stderr
     with open(out, "rb") as f:
         return pickle.load(f)
@@ -144,7 +125,7 @@ def user() -> Iterator[OrdinaryUser]:
 @pytest.fixture(scope="module")
 def userns_user(user: OrdinaryUser) -> OrdinaryUser:
     """The user, where an ordinary user may make a user namespace (the kernel mounts are made in one)."""
-    probe = _as_user(user, "unshare", "-Urm", "true")
+    probe = user.command("unshare", "-Urm", "true", timeout=120)
     if probe.returncode != 0:
         pytest.skip("an ordinary user cannot make a user namespace here, so the kernel's userxattr view "
                     f"cannot be had (unshare -Urm: {probe.stderr.strip()})")
@@ -169,26 +150,6 @@ def _upper_census(upper: str) -> dict[str, str]:
     return found
 
 
-def _end_daemon(user: OrdinaryUser, mnt: str, pid_file: str) -> None:
-    """Unmount as the user (root's umount as a fallback) and make sure the daemon has ended, by its PID."""
-    if is_mounted(mnt):
-        _as_user(user, "fusermount3", "-u", mnt)
-    if is_mounted(mnt):
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
-    try:
-        pid = int(open(pid_file).read())
-    except (OSError, ValueError):
-        return
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-
-
 @pytest.mark.parametrize("form", ["layer-id", "lowerdir"])
 def test_ordinary_user_writes_an_upper_dir_the_kernel_reads_with_userxattr(userns_user, form):
     user = userns_user
@@ -197,28 +158,24 @@ def test_ordinary_user_writes_an_upper_dir_the_kernel_reads_with_userxattr(usern
     write(f"{layers.lowers[-1]}/rootfile", "owned by root\n")  # shows as nobody in both views
     user.own(base_dir)
     os.chown(f"{layers.lowers[-1]}/rootfile", 0, 0)
-    mnt, pid_file = os.path.join(base_dir, "mnt"), os.path.join(base_dir, "ovlfuse.pid")
+    mnt = os.path.join(base_dir, "mnt")
     os.mkdir(mnt)
     user.own(mnt)
-    try:
-        mounted = user.run("--pid-file", pid_file, *layers.mount_args, mnt)
-        assert mounted.returncode == 0, mounted.stderr
-        changed = _as_user(user, "sh", "-c", f"cd {mnt}\n{CHANGES}")  # root may not enter the mount
+    with user_mount(user, layers, mnt):
+        changed = user.command("sh", "-c", f"cd {mnt}\n{CHANGES}", timeout=120)  # root may not enter the mount
         assert changed.returncode == 0, changed.stderr
         ours = _snapshot_in_user_namespace(user, mnt)
-        unmounted = _as_user(user, "fusermount3", "-u", mnt)
+        unmounted = user.command("fusermount3", "-u", mnt, timeout=120)
         assert unmounted.returncode == 0, unmounted.stderr
-    finally:
-        _end_daemon(user, mnt, pid_file)
     assert {b"created", b"d/new", b"mv-dst", b"sub/moved", b"newlink"} <= ours.records.keys()
     assert not {b"gone", b"d/f", b"mv-src", b"ddir", b"img-file", b"old", b"opq/hidden"} & ours.records.keys()
     assert ours.records[b"rootfile"].uid == 65534 and ours.records[b"keep"].uid == 0
     assert _upper_census(layers.upper) == EXPECTED_UPPER
     assert os.getxattr(f"{layers.upper}/keep", "user.color") == b"blue"
     assert os.listdir(layers.work) == ["work"] and os.listdir(f"{layers.work}/work") == []
-    kernel = _snapshot_in_user_namespace(user, mnt, _kernel_mount(layers, mnt))
+    kernel = _snapshot_in_user_namespace(user, mnt, kernel_command(layers, mnt) + " && ")
     assert differences(kernel, ours) == []
-    verified = user.run("verify", *layers.mount_args)  # the user's verify: in a user namespace, with userxattr
+    verified = user.run("verify", *layers.ovlfuse_args())  # the user's verify: in a user namespace, with userxattr
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
@@ -228,24 +185,14 @@ def test_ordinary_user_reads_the_upper_dir_the_kernel_wrote_with_userxattr(usern
     base_dir = os.path.join(user.home, "kernel-wrote")
     layers = _dir_layers(base_dir)
     user.own(base_dir)
-    mnt, pid_file = os.path.join(base_dir, "mnt"), os.path.join(base_dir, "ovlfuse.pid")
+    mnt = os.path.join(base_dir, "mnt")
     os.mkdir(mnt)
     user.own(mnt)
-    kernel = _snapshot_in_user_namespace(user, mnt, f"{_kernel_mount(layers, mnt)}(cd {mnt}\n{CHANGES}) && ")
+    kernel = _snapshot_in_user_namespace(user, mnt, f"{kernel_command(layers, mnt)} && (cd {mnt}\n{CHANGES}) && ")
     assert _upper_census(layers.upper) == EXPECTED_UPPER
-    try:
-        mounted = user.run("--pid-file", pid_file, *layers.mount_args, mnt)
-        assert mounted.returncode == 0, mounted.stderr
+    with user_mount(user, layers, mnt):
         ours = _snapshot_in_user_namespace(user, mnt)
-    finally:
-        _end_daemon(user, mnt, pid_file)
     assert differences(kernel, ours) == []
-
-
-def _kernel_mount(layers: Layers, mnt: str) -> str:
-    """The shell command that mounts the kernel's overlay of ``layers`` as an ordinary user may."""
-    return (f"mount -t overlay overlay -o userxattr,lowerdir={':'.join(layers.lowers)},"
-            f"upperdir={layers.upper},workdir={layers.work} {mnt} && ")
 
 
 def test_a_store_the_user_may_not_read_is_a_clear_error(user):

@@ -11,206 +11,22 @@ hard-linking all whiteouts to one inode.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
 import os
 import pathlib
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from mounts import OVLFUSE, kernel_mount, ovlfuse_mount
-from ovlfuse.sys.safeio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from stores import LONG_NAME, Store, kernel_twin, rich_store
-from treesnap import Snapshot, differences, snapshot
-
-Op = Callable[[str], object]
-AT_FDCWD = -100
-BOOKKEEPING = {"trusted.overlay.origin", "trusted.overlay.impure", "trusted.overlay.uuid"}
-
-
-def call(root: str, op: Op) -> tuple[str, object]:
-    try:
-        return "ok", op(root)
-    except OSError as e:
-        return "error", errno.errorcode.get(e.errno, e.errno)
-
-
-@dataclass
-class Pair:
-    """A kernel mount and an ovlfuse mount of two copies of one store."""
-
-    kernel: Store
-    ours: Store
-    kmnt: str
-    omnt: str
-    started_ns: int
-
-    results: dict[str, tuple[str, object]] = dataclasses.field(default_factory=dict)
-
-    def apply(self, ops: list[Op]) -> list[str]:
-        """Run each op on both mounts; return the mismatches (the kernel's results go to ``results``)."""
-        out = []
-        for op in ops:
-            expected, actual = call(self.kmnt, op), call(self.omnt, op)
-            self.results[op.__name__] = expected
-            if expected != actual:
-                out.append(f"{op.__name__}: kernel {expected!r} ovlfuse {actual!r}")
-        return out
-
-    def tree_differences(self) -> list[str]:
-        return differences(normalized(snapshot(self.kmnt), self.started_ns),
-                           normalized(snapshot(self.omnt), self.started_ns))
-
-    def upper_differences(self) -> list[str]:
-        return differences(upper_snapshot(self.kernel.top.diff, self.started_ns),
-                           upper_snapshot(self.ours.top.diff, self.started_ns))
-
-
-def normalized(snap: Snapshot, started_ns: int) -> Snapshot:
-    """Times set during the run differ between the two runs; older ones (copied up) must not."""
-    records = {}
-    for path, rec in snap.records.items():
-        mtime = rec.mtime_ns
-        if mtime is not None and mtime >= started_ns:
-            mtime = -1
-        xattrs = tuple((n, v) for n, v in rec.xattrs if n not in BOOKKEEPING)
-        records[path] = dataclasses.replace(rec, mtime_ns=mtime, xattrs=xattrs)
-    return Snapshot(records, snap.inos, snap.dino_mismatch)
-
-
-def upper_snapshot(diff: str, started_ns: int) -> Snapshot:
-    """An upper dir as the comparison sees it: whiteouts unlinked from each other."""
-    snap = normalized(snapshot(diff), started_ns)
-    inos = dict(snap.inos)
-    for path, rec in snap.records.items():
-        if rec.kind == "chardev" and rec.rdev == 0:
-            snap.records[path] = dataclasses.replace(rec, nlink=1, mtime_ns=None)
-            inos[path] = -len(inos) - hash(path)  # each whiteout its own object
-    return Snapshot(snap.records, inos, snap.dino_mismatch)
-
-
-def _mount_args(store: Store, mnt: str, *options: str) -> list[str]:
-    return [*(a for o in options for a in ("-o", o)), "--root", store.root, store.top.id, mnt]
-
-
-@contextlib.contextmanager
-def kernel_view(store: Store, mnt: str) -> Iterator[None]:
-    cwd = os.path.join(store.root, "l")
-    own = f"../{os.path.basename(store.top.dir)}"
-    with kernel_mount(store.top.chain, mnt, upper=f"{own}/diff", work=f"{own}/work", cwd=cwd):
-        yield
-
-
-def make_pair(tmp_path, mounts_in: str | None = None, extra_layers: int = 0) -> tuple[Store, Store, str, str]:
-    source = rich_store(str(tmp_path / "source"), extra_layers=extra_layers, link_length=6)
-    kernel = kernel_twin(source, str(tmp_path / "kernel"))
-    ours = kernel_twin(source, str(tmp_path / "ours"))
-    kmnt, omnt = (os.path.join(mounts_in or str(tmp_path), name) for name in ("kmnt", "omnt"))
-    os.mkdir(kmnt)
-    os.mkdir(omnt)
-    return kernel, ours, kmnt, omnt
-
-
-@contextlib.contextmanager
-def mounted_pair(tmp_path, mounts_in: str | None = None, *options: str, extra_layers: int = 0) -> Iterator[Pair]:
-    kernel, ours, kmnt, omnt = make_pair(tmp_path, mounts_in, extra_layers)
-    started = time.time_ns()
-    with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt, *options), omnt):
-        yield Pair(kernel, ours, kmnt, omnt, started)
-
-
-# --- operations: each a small function of the mount root -----------------------
-
-def p(root: str, rel: str) -> str:
-    return os.path.join(root, rel)
-
-
-def read(rel: str) -> Op:
-    def op(root: str) -> bytes:
-        with open(p(root, rel), "rb") as f:
-            return f.read()
-    op.__name__ = f"read {rel}"
-    return op
-
-
-def stat_of(rel: str) -> Op:
-    def op(root: str) -> tuple:
-        st = os.lstat(p(root, rel))
-        return (stat.filemode(st.st_mode), st.st_nlink,
-                st.st_uid, st.st_gid, st.st_size if not stat.S_ISDIR(st.st_mode) else None, st.st_rdev)
-    op.__name__ = f"stat {rel}"
-    return op
-
-
-def listing(rel: str) -> Op:
-    def op(root: str) -> list[str]:
-        return sorted(os.listdir(p(root, rel)))
-    op.__name__ = f"listdir {rel}"
-    return op
-
-
-def named(name: str, fn: Callable[[str], object]) -> Op:
-    fn.__name__ = name
-    return fn
-
-
-_OPEN_MODES = {"wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-               "r+b": os.O_RDWR}
-
-
-def write_file(rel: str, data: bytes, mode: str = "wb", at: int | None = None) -> Op:
-    def op(root: str) -> int:
-        fd = os.open(p(root, rel), _OPEN_MODES[mode] | os.O_NONBLOCK, 0o644)  # a fifo must not block
-        try:
-            if at is not None:
-                os.lseek(fd, at, os.SEEK_SET)
-            return os.write(fd, data)
-        finally:
-            os.close(fd)
-    return named(f"write {rel} {mode} at {at}", op)
-
-
-def same_file(a: str, b: str) -> Op:
-    def op(root: str) -> bool:
-        return os.lstat(p(root, a)).st_ino == os.lstat(p(root, b)).st_ino
-    return named(f"same inode {a} {b}", op)
-
-
-def dir_times(rel: str) -> Op:
-    def op(root: str) -> int:
-        return os.stat(p(root, rel)).st_mtime_ns
-    return named(f"dir mtime {rel}", op)
-
-
-def xattrs_of(rel: str) -> Op:
-    def op(root: str) -> list:
-        path = p(root, rel)
-        return sorted((n, os.getxattr(path, n, follow_symlinks=False))
-                      for n in os.listxattr(path, follow_symlinks=False))
-    return named(f"xattrs {rel}", op)
-
-
-def fs(name: str, fn: Callable[..., object], rels: str | tuple[str, ...], *args: object, **kwargs: object) -> Op:
-    """An os function applied to paths under the root, then to ``args``."""
-    paths = (rels,) if isinstance(rels, str) else rels
-
-    def op(root: str) -> object:
-        return fn(*(p(root, r) for r in paths), *args, **kwargs)
-    return named(f"{name} {' '.join(paths)} {args or ''} {kwargs or ''}", op)
-
-
-def rename2(a: str, b: str, flags: int) -> Op:
-    def op(root: str) -> None:
-        renameat2(AT_FDCWD, os.fsencode(p(root, a)), AT_FDCWD, os.fsencode(p(root, b)), flags)
-    return named(f"renameat2 {a} {b} flags {flags}", op)
+from differential import (Op, dir_times, fs, listing, mounted_pair, named, normalized, p, read, rename2, same_file,
+                          shell, stat_of, store_pair, write_file, xattrs_of)
+from overlaypair import mount
+from ovlfuse.sys.safeio import RENAME_EXCHANGE, RENAME_NOREPLACE
+from stores import LONG_NAME
+from treesnap import differences, snapshot
 
 
 def changes(observed: str, action: Op) -> Op:
@@ -378,9 +194,6 @@ def test_sequence_matches_kernel(tmp_path, layers):
     assert pair.results["read a/hard3"] == ("ok", b"hard\n")
 
 
-NO_DEVICE_WHITEOUTS = [sys.executable, os.path.join(os.path.dirname(__file__), "no_device_whiteouts.py")]
-
-
 def test_whiteout_files_where_devices_cannot_be_made(tmp_path):
     """Where char 0:0 cannot be made, ``.wh.`` files give the same calls and views as the kernel's run.
 
@@ -390,27 +203,18 @@ def test_whiteout_files_where_devices_cannot_be_made(tmp_path):
     upper dir is checked by form, and by a second ovlfuse mount showing the
     kernel's tree.
     """
-    kernel, ours, kmnt, omnt = make_pair(tmp_path)
-    pair = Pair(kernel, ours, kmnt, omnt, time.time_ns())
-    devices = {p for p, r in snapshot(ours.top.diff).records.items() if r.kind == "chardev" and r.rdev == 0}
-    with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt), omnt, command=NO_DEVICE_WHITEOUTS):
+    pair = store_pair(tmp_path)
+    devices = {p for p, r in snapshot(pair.ours.upper).records.items() if r.kind == "chardev" and r.rdev == 0}
+    with pair.mounted(whiteout_files=True):
         assert "\n".join(pair.apply(SEQUENCE)) == ""
         assert "\n".join(pair.tree_differences()) == ""
-    upper = snapshot(ours.top.diff)
+    upper = snapshot(pair.ours.upper)
     assert {p for p, r in upper.records.items() if r.kind == "chardev" and r.rdev == 0} <= devices
     markers = [p for p in upper.records if os.path.basename(p).startswith(b".wh.")]
     assert len(markers) >= 5, markers
-    assert os.listdir(os.path.join(ours.top.dir, "work", "work")) == []
-    with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt), omnt):
+    assert os.listdir(os.path.join(pair.ours.work, "work")) == []
+    with pair.mounted():
         assert "\n".join(pair.tree_differences()) == ""
-
-
-def shell(command: str) -> Op:
-    """A shell command run in the mount root; the result is its status and output."""
-    def op(root: str) -> tuple[int, str]:
-        done = subprocess.run(["sh", "-c", command], cwd=root, capture_output=True, text=True)
-        return done.returncode, done.stdout + done.stderr.replace(root, "ROOT")
-    return named(f"sh: {command}", op)
 
 
 WORKLOAD = [
@@ -498,7 +302,7 @@ def test_privileges_match_kernel(tmp_path):
     mounts_in = tempfile.mkdtemp(prefix="ovlfuse-priv.")
     os.chmod(mounts_in, 0o755)
     try:
-        with mounted_pair(tmp_path, mounts_in, "allow_other") as pair:
+        with mounted_pair(tmp_path, mounts_in, fuse_options=["allow_other"]) as pair:
             assert "\n".join(pair.apply(PRIVILEGE_SEQUENCE)) == ""
             assert "\n".join(pair.tree_differences()) == ""
         assert "\n".join(pair.upper_differences()) == ""
@@ -509,22 +313,21 @@ def test_privileges_match_kernel(tmp_path):
 
 def test_upper_dir_round_trips_through_the_kernel(tmp_path):
     """What ovlfuse wrote is the kernel's own format: remounts keep the view and inode numbers."""
-    kernel, ours, kmnt, omnt = make_pair(tmp_path)
-    started = time.time_ns()
-    with kernel_view(kernel, kmnt), ovlfuse_mount(_mount_args(ours, omnt), omnt):
-        pair = Pair(kernel, ours, kmnt, omnt, started)
+    pair = store_pair(tmp_path)
+    kmnt, omnt, started = pair.kmnt, pair.omnt, pair.started_ns
+    with pair.mounted():
         pair.apply(SEQUENCE)
         served = snapshot(omnt)
-    with kernel_view(kernel, kmnt):
+    with mount("kernel", pair.kernel, kmnt):
         kernel_snap = snapshot(kmnt)
         expected = normalized(kernel_snap, started)
-    with ovlfuse_mount(_mount_args(kernel, omnt), omnt):
+    with mount("ovlfuse", pair.kernel, omnt):
         assert snapshot(omnt).inos == kernel_snap.inos, "ovlfuse reads the kernel's origin records"
-    with ovlfuse_mount(_mount_args(ours, omnt), omnt):
+    with mount("ovlfuse", pair.ours, omnt):
         remounted = snapshot(omnt)
     assert remounted.inos == served.inos, "inode numbers changed across a remount"
     assert differences(expected, normalized(remounted, started)) == []
-    with kernel_view(ours, kmnt):
+    with mount("kernel", pair.ours, kmnt):
         taken_over = snapshot(kmnt)
     assert differences(expected, normalized(taken_over, started)) == []
     assert taken_over.inos == served.inos, "the kernel reports other inode numbers for ovlfuse's upper dir"
@@ -560,8 +363,6 @@ def _machine(whiteout_files: bool = False):
 
     # a .wh. marker needs 4 bytes of the name's 255: longer lower names cannot be whited out that way
     paths = st.sampled_from([p for p in POOL if not whiteout_files or len(os.path.basename(p)) <= 251])
-    command = NO_DEVICE_WHITEOUTS if whiteout_files else OVLFUSE
-
     class WritePathMachine(RuleBasedStateMachine):
         """Random calls on both mounts; every result, the trees and finally the upper dirs must match."""
 
@@ -570,15 +371,12 @@ def _machine(whiteout_files: bool = False):
             self.tmp = tempfile.mkdtemp(prefix="ovlfuse-hyp.")
             self.mounts = contextlib.ExitStack()
             try:  # teardown() runs only once __init__ has returned
-                kernel, ours, kmnt, omnt = make_pair(pathlib.Path(self.tmp))
-                started = time.time_ns()
-                self.mounts.enter_context(kernel_view(kernel, kmnt))
-                self.mounts.enter_context(ovlfuse_mount(_mount_args(ours, omnt), omnt, command=command))
+                self.pair = store_pair(pathlib.Path(self.tmp))
+                self.mounts.enter_context(self.pair.mounted(whiteout_files=whiteout_files))
             except BaseException:
                 self.mounts.close()
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
-            self.pair = Pair(kernel, ours, kmnt, omnt, started)
             self.steps = 0
 
         def run(self, op: Op) -> None:
@@ -678,8 +476,7 @@ def _machine(whiteout_files: bool = False):
                 if not whiteout_files:
                     assert self.pair.upper_differences() == []
                 elif self.steps:  # the kernel does not read .wh. files: a plain remount must show its tree
-                    with kernel_view(self.pair.kernel, self.pair.kmnt), \
-                            ovlfuse_mount(_mount_args(self.pair.ours, self.pair.omnt), self.pair.omnt):
+                    with self.pair.mounted():
                         assert self.pair.tree_differences() == []
             finally:
                 self.mounts.close()

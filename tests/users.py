@@ -43,10 +43,13 @@ class OrdinaryUser:
 
     def python_run(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
         """``python ARGS`` as this user, with ovlfuse and its dependencies importable."""
-        command = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
-                   "env", f"PYTHONPATH={self.pythonpath}", f"HOME={self.home}",
-                   *(f"{k}={v}" for k, v in (env or {}).items()), self.python, *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.home)
+        return self.command("env", f"PYTHONPATH={self.pythonpath}", f"HOME={self.home}",
+                            *(f"{k}={v}" for k, v in (env or {}).items()), self.python, *args, timeout=timeout)
+
+    def command(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """``ARGS`` run as this user (and the user's groups) in the user's home."""
+        return subprocess.run(["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", *args],
+                              capture_output=True, text=True, timeout=timeout, cwd=self.home)
 
     def own(self, path: str) -> None:
         subprocess.run(["chown", "-R", f"{self.uid}:{self.gid}", path], check=True)

@@ -22,6 +22,18 @@ from dataclasses import dataclass
 from ovlfuse.errors import OvlError
 
 
+# The largest uid or gid: (uid_t)-1 means "no id" to the kernel, and FUSE carries ids in 32 bits.
+MAX_ID = 0xFFFFFFFE
+
+
+def parse_id(text: str) -> int | None:
+    """A uid or gid written in ASCII decimal digits, 0 to MAX_ID; None for anything else."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
 def _overflow(kind: str) -> int:
     try:
         with open(f"/proc/sys/kernel/overflow{kind}") as f:
@@ -44,7 +56,7 @@ def parse_mapping(option: str, value: str) -> tuple[IdRange, ...]:
     (podman 4) writes ``uidmapping=:0:100000:65536``.
     """
     fields = [f for f in value.split(":") if f]
-    if not fields or len(fields) % 3 or not all(f.isdigit() for f in fields):
+    if not fields or len(fields) % 3 or not all(f.isascii() and f.isdigit() for f in fields):
         raise OvlError(f"{option}={value!r} is not a mapping: give STORED:SHOWN:COUNT triples "
                        f"joined by ':', e.g. {option}=0:100000:65536")
     numbers = [int(f) for f in fields]
@@ -52,6 +64,8 @@ def parse_mapping(option: str, value: str) -> tuple[IdRange, ...]:
     for r in ranges:
         if r.count == 0:
             raise OvlError(f"{option}={value!r} has an empty range (count 0)")
+        if max(r.stored, r.shown) + r.count - 1 > MAX_ID:
+            raise OvlError(f"{option}={value!r} reaches past the largest id, {MAX_ID}")
     for side in ("stored", "shown"):
         spans = sorted((getattr(r, side), getattr(r, side) + r.count) for r in ranges)
         if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):

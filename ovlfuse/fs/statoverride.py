@@ -20,6 +20,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from ovlfuse.fs.idmap import parse_id
 from ovlfuse.sys.safeio import get_xattr
 
 PRIVILEGED = "security.fuseoverlayfs.override_stat"
@@ -32,6 +33,8 @@ WRITTEN = {1: PRIVILEGED, 2: CONTAINERS}
 _TYPES = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "pipe": stat.S_IFIFO,
           "socket": stat.S_IFSOCK, "block": stat.S_IFBLK, "char": stat.S_IFCHR}
 _NAMES_OF_TYPES = {v: k for k, v in _TYPES.items()}
+# Linux device numbers: 12 bits of major, 20 of minor.
+_MAX_MAJOR, _MAX_MINOR = (1 << 12) - 1, (1 << 20) - 1
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,21 @@ class Stored:
 
 
 def parse(value: bytes, real: Stored) -> Stored | None:
-    """The attributes a record gives an object whose real ones are ``real`` (None: not a record)."""
+    """The attributes a record gives an object whose real ones are ``real`` (None: not a record).
+
+    Values no object can have (ids past 32 bits, a mode with type bits of no
+    file type, a device number Linux cannot hold) make it no record either.
+    """
     fields = value.decode("ascii", "replace").strip("\0\n ").split(":")
-    if len(fields) < 3 or not all(f.isdigit() for f in fields[:2]):
+    if len(fields) < 3:
         return None
+    uid, gid = parse_id(fields[0]), parse_id(fields[1])
     try:
         mode = int(fields[2], 8)
     except ValueError:
+        return None
+    if uid is None or gid is None or not 0 <= mode <= 0o177777 \
+            or stat.S_IFMT(mode) not in (0, *_NAMES_OF_TYPES):
         return None
     fmt, rdev = stat.S_IFMT(mode) or stat.S_IFMT(real.mode), real.rdev
     if len(fields) > 3:
@@ -66,10 +77,13 @@ def parse(value: bytes, real: Stored) -> Stored | None:
         if fmt in (stat.S_IFBLK, stat.S_IFCHR):
             if len(dev) < 2 or not (dev[0].isdigit() and dev[1].isdigit()):
                 return None
-            rdev = os.makedev(int(dev[0]), int(dev[1]))
+            major, minor = int(dev[0]), int(dev[1])
+            if major > _MAX_MAJOR or minor > _MAX_MINOR:
+                return None
+            rdev = os.makedev(major, minor)
     if fmt != stat.S_IFMT(real.mode) and fmt not in (stat.S_IFBLK, stat.S_IFCHR):
         rdev = 0
-    return Stored(int(fields[0]), int(fields[1]), fmt | stat.S_IMODE(mode), rdev)
+    return Stored(uid, gid, fmt | stat.S_IMODE(mode), rdev)
 
 
 def format_record(stored: Stored) -> bytes:

@@ -42,12 +42,33 @@ class EngineLayer:
     what: str  # for messages: "docker container web"
 
 
-def _load(path: str):
+def _load(path: str) -> dict:
+    """A JSON object from ``path``; {} if the file is missing, unreadable, not JSON or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _records(path: str) -> list[dict]:
+    """The objects of a JSON list in ``path`` (containers/storage's record files); anything else is skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
+def _text(value: object) -> str:
+    """A string field of a record ("" if it is missing or of another type)."""
+    return value if isinstance(value, str) else ""
+
+
+def _dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _read(path: str) -> str | None:
@@ -89,8 +110,8 @@ def docker_container(docker_root: str, name: str) -> EngineLayer | None:
     found = [cid for cid in ids if cid == wanted]
     if not found:
         found = [cid for cid in ids
-                 if str((_load(os.path.join(containers, cid, "config.v2.json")) or {}).get("Name", ""))
-                 .removeprefix("/") == wanted]
+                 if _text(_load(os.path.join(containers, cid, "config.v2.json")).get("Name")).removeprefix("/")
+                 == wanted]
     if not found and len(wanted) >= 12:
         found = [cid for cid in ids if cid.startswith(wanted)]
     if len(found) != 1:
@@ -110,10 +131,11 @@ def _docker_image_id(image_dir: str, name: str) -> str | None:
     bare = name.removeprefix("sha256:")
     if bare in ids:
         return bare
-    repositories = (_load(os.path.join(image_dir, "repositories.json")) or {}).get("Repositories", {})
+    repositories = _dict(_load(os.path.join(image_dir, "repositories.json")).get("Repositories"))
     names = _image_names(name)
-    by_name = next((ref_id for refs in repositories.values() for ref, ref_id in refs.items() if ref in names), None)
-    if by_name is not None:
+    by_name = next((_text(ref_id) for refs in repositories.values() for ref, ref_id in _dict(refs).items()
+                    if ref in names), None)
+    if by_name:
         return by_name.removeprefix("sha256:")
     by_prefix = [image_id for image_id in ids if len(bare) >= 12 and image_id.startswith(bare)]
     return by_prefix[0] if len(by_prefix) == 1 else None
@@ -126,8 +148,8 @@ def docker_image(docker_root: str, name: str) -> EngineLayer | None:
     if image_id is None:
         return None
     config = _load(os.path.join(image_dir, "imagedb", "content", "sha256", image_id))
-    diff_ids = ((config or {}).get("rootfs") or {}).get("diff_ids") or []
-    if not diff_ids:
+    diff_ids = _dict(config.get("rootfs")).get("diff_ids")
+    if not diff_ids or not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
         return None
     cache_id = _read(os.path.join(image_dir, "layerdb", "sha256", chain_id(diff_ids).removeprefix("sha256:"),
                                   "cache-id"))
@@ -144,9 +166,9 @@ def storage_layer(storage_root: str, name: str) -> EngineLayer | None:
         ("overlay-images/images.json", "image", True),
         ("overlay-layers/layers.json", "layer", None),
     )
-    layers = _load(os.path.join(storage_root, "overlay-layers", "layers.json")) or []
-    parents = {layer.get("parent") for layer in layers}
-    loaded = [(kind, read_only, _load(os.path.join(storage_root, path)) or []) for path, kind, read_only in records]
+    parents = {_text(layer.get("parent")) for layer in _records(os.path.join(storage_root, "overlay-layers",
+                                                                               "layers.json"))}
+    loaded = [(kind, read_only, _records(os.path.join(storage_root, path))) for path, kind, read_only in records]
     wanted = _image_names(name)
     # as containers/storage looks a name up: a full id, then a name, then an id prefix
     matches: tuple[Callable[[str, set[str]], bool], ...] = (
@@ -157,8 +179,9 @@ def storage_layer(storage_root: str, name: str) -> EngineLayer | None:
     for match in matches:
         for kind, read_only, found in loaded:
             for record in found:
-                if match(str(record.get("id", "")), set(record.get("names") or [])):
-                    layer = record.get("id") if kind == "layer" else record.get("layer")
+                names = record.get("names")
+                if match(_text(record.get("id")), {_text(n) for n in names} if isinstance(names, list) else set()):
+                    layer = _text(record.get("id") if kind == "layer" else record.get("layer"))
                     if not layer:
                         return None
                     ro = layer in parents if read_only is None else read_only

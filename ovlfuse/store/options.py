@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ovlfuse.errors import OvlError
-from ovlfuse.fs.idmap import IdMap, IdRange, parse_mapping
+from ovlfuse.fs.idmap import MAX_ID, IdMap, IdRange, parse_id, parse_mapping
 
 # Generic options the FUSE mount itself applies (libfuse passes them to mount(2)).
 _VFS_FLAGS = {
@@ -163,9 +163,10 @@ def _apply(opts: MountOptions, option: str) -> None:
     elif key in ("uidmapping", "gidmapping") and has_value:
         setattr(opts, key, parse_mapping(key, value))
     elif key in ("squash_to_uid", "squash_to_gid") and has_value:
-        if not value.isdigit():
-            raise OvlError(f"option {option!r} needs a numeric id")
-        setattr(opts, key, int(value))
+        ident = parse_id(value)
+        if ident is None:
+            raise OvlError(f"option {option!r} needs a numeric id, 0 to {MAX_ID}")
+        setattr(opts, key, ident)
     elif key in ("squash_to_root", "static_nlink", "volatile") and not has_value:
         setattr(opts, key, True)
     elif key == "noacl" and not has_value:
@@ -196,4 +197,4 @@ def _apply(opts: MountOptions, option: str) -> None:
 def _looks_like_mapping(option: str) -> bool:
     """A stray ``1:100000:65536`` is the tail of a mapping written with commas."""
     fields = option.split(":")
-    return len(fields) % 3 == 0 and all(f.isdigit() for f in fields)
+    return len(fields) % 3 == 0 and all(f.isascii() and f.isdigit() for f in fields)

@@ -132,8 +132,10 @@ def read_chain(root: str, layer_dir: str) -> list[str]:
     """The diff directories named by ``layer_dir/lower``, nearest first ([] for a base layer)."""
     name = os.path.basename(layer_dir)
     lower_file = os.path.join(layer_dir, "lower")
-    if not os.path.exists(lower_file):
+    if not os.path.lexists(lower_file):
         return []
+    if os.path.islink(lower_file):
+        raise OvlError(f"{lower_file} is a symlink; refusing to follow it out of the layer (the store is damaged)")
     try:
         with open(lower_file, encoding="utf-8") as f:
             text = f.read().strip()
@@ -146,7 +148,9 @@ def read_chain(root: str, layer_dir: str) -> list[str]:
     chain: list[str] = []
     for entry in text.split(":"):
         diff = _resolve_link(root, real_root, entry, name)
-        if diff in chain or diff == own_diff:
+        if diff == own_diff:
+            raise OvlError(f"layer {name}: its lower chain lists {entry}, its own diff; the store is damaged")
+        if diff in chain:
             raise OvlError(f"layer {name}: its lower chain lists {entry} twice; the store is damaged")
         chain.append(diff)
     return chain
@@ -197,12 +201,32 @@ def _existing_dir(path: str, option: str) -> str:
     return real
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Whether real paths ``a`` and ``b`` are one directory or one lies inside the other."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _check_separate(named: list[tuple[str, str, str]]) -> None:
+    """Layers must not overlap, as the kernel's overlay requires: a write through the upper would change a lower.
+
+    ``named``: (option, path as given, real path) of each layer directory.
+    """
+    for i, (opt_a, given_a, a) in enumerate(named):
+        for opt_b, given_b, b in named[i + 1:]:
+            if _overlap(a, b):
+                same = "are the same directory" if a == b else "overlap (one is inside the other)"
+                raise OvlError(f"{opt_a} {given_a} and {opt_b} {given_b} {same}; "
+                               "give separate directories, as for the kernel's overlay")
+
+
 def plan_from_options(opts: MountOptions, label: str | None) -> MountPlan:
     if not opts.lowerdir:
         raise OvlError("-o needs lowerdir=DIR[:DIR...] (and upperdir=, workdir= for a writable mount)")
     lowers = [_existing_dir(p, "lowerdir") for p in opts.lowerdir]
+    named = [("lowerdir", given, real) for given, real in zip(opts.lowerdir, lowers)]
     name = label or opts.fsname or "ovlfuse"
     if opts.upperdir is None:
+        _check_separate(named)
         return MountPlan(lowers=lowers, label=name)
     if opts.workdir is None:
         raise OvlError("upperdir needs workdir=DIR on the same filesystem, as for the kernel's overlay")
@@ -210,9 +234,6 @@ def plan_from_options(opts: MountOptions, label: str | None) -> MountPlan:
     work = _existing_dir(opts.workdir, "workdir")
     if os.stat(upper).st_dev != os.stat(work).st_dev:
         raise OvlError(f"workdir {opts.workdir} must be on the same filesystem as upperdir {opts.upperdir}")
-    if (work + "/").startswith(upper + "/") or (upper + "/").startswith(work + "/"):
-        raise OvlError("upperdir and workdir must be separate directories, neither inside the other")
-    if upper in lowers:
-        raise OvlError(f"upperdir {opts.upperdir} is also a lowerdir")
+    _check_separate([("upperdir", opts.upperdir, upper), ("workdir", opts.workdir, work), *named])
     plan = MountPlan(lowers=lowers, upper=upper, workdir=work, label=name)
     return plan.as_read_only() if opts.read_only else plan
