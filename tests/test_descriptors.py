@@ -27,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 import pytest
 
 from mounts import kernel_mount, ovlfuse_mount
-from test_write_path import upper_snapshot
+from differential import upper_snapshot
 from treesnap import differences
 
 CONTENT = b"lower data of the object\n"
@@ -164,6 +164,11 @@ CALLS: list[tuple[str, Callable[[int], object]]] = [
 ]
 
 
+def _run_started() -> int:
+    """Where "set during the run" begins: a second back, as file times come from a clock coarser than time_ns."""
+    return time.time_ns() - 10**9
+
+
 def _cases() -> Iterator[tuple[str, str, str]]:
     for event in EVENTS:
         for kind in KINDS:
@@ -209,6 +214,7 @@ def _layers(base: str) -> None:
             with open(f"{lower}/d/{event}-{kind}-{mode}", "wb") as f:
                 f.write(CONTENT)
             os.chmod(f"{lower}/d/{event}-{kind}-{mode}", 0o644)
+            os.utime(f"{lower}/d/{event}-{kind}-{mode}", ns=(10**9, 10**9))
     os.utime(f"{lower}/d", ns=(10**9, 10**9))
 
 
@@ -229,7 +235,7 @@ def _mounted(tmp_path) -> Iterator[tuple[str, str, str, str]]:
 
 def test_descriptor_calls_act_on_the_opened_object(tmp_path):
     with _mounted(tmp_path) as (kbase, obase, kmnt, omnt):
-        started = time.time_ns()
+        started = _run_started()
         _prepare(f"{kmnt}/d")
         _prepare(f"{omnt}/d")
         kernel = _run(f"{kmnt}/d", started)
@@ -250,7 +256,7 @@ def test_descriptor_calls_act_on_the_opened_object(tmp_path):
 def test_inode_calls_without_a_descriptor_after_the_name_went(tmp_path, how):
     """An O_PATH descriptor holds the inode: calls through /proc/self/fd act on it or fail, never on the new name."""
     with _mounted(tmp_path) as (kbase, obase, kmnt, omnt):
-        started = time.time_ns()
+        started = _run_started()
         results = []
         for mnt in (kmnt, omnt):
             out = []
