@@ -11,6 +11,7 @@ hard-linking all whiteouts to one inode.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pathlib
 import shutil
@@ -18,6 +19,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -355,6 +357,35 @@ def same_lower_hard_link(root: str, a: str, b: str) -> bool:
     return a != b and sa.st_ino == sb.st_ino and not stat.S_ISDIR(sa.st_mode)
 
 
+def _result(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except OSError as e:
+        return errno.errorcode.get(e.errno, e.errno)
+
+
+def _fd_state(fd: int, started_ns: int) -> tuple:
+    st = os.fstat(fd)
+    return (stat.filemode(st.st_mode), st.st_uid, st.st_gid, st.st_nlink, st.st_size,
+            "now" if st.st_mtime_ns >= started_ns else st.st_mtime_ns)
+
+
+# Calls through an open descriptor, each a function of the descriptor (and when the run started).
+FD_CALLS: dict[str, Callable[[int, int], object]] = {
+    "fstat": _fd_state,
+    "pread": lambda fd, _: os.pread(fd, 64, 0),
+    "pwrite": lambda fd, _: os.pwrite(fd, b"fd", 3),
+    "ftruncate": lambda fd, _: os.ftruncate(fd, 5),
+    "fchmod": lambda fd, _: os.fchmod(fd, 0o640),
+    "fchown": lambda fd, _: os.fchown(fd, 7, 8),
+    "fsetxattr": lambda fd, _: os.setxattr(fd, "user.fd", b"v"),
+    "fgetxattr": lambda fd, _: os.getxattr(fd, "user.fd"),
+    "futimens": lambda fd, _: os.utime(fd, ns=(3_000_000_000, 4_000_000_000)),
+    "fsync": lambda fd, _: os.fsync(fd),
+    "fchdir listing": lambda fd, _: sorted(os.listdir(fd)),
+}
+
+
 def _machine(whiteout_files: bool = False):
     """The machine; ``whiteout_files``: ovlfuse runs where 0:0 devices cannot be made (see no_device_whiteouts.py)."""
     from hypothesis import strategies as st
@@ -378,10 +409,41 @@ def _machine(whiteout_files: bool = False):
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
             self.steps = 0
+            self.fds: list[tuple[int, int]] = []  # descriptors open on both mounts: (kernel's, ovlfuse's)
 
         def run(self, op: Op) -> None:
             self.steps += 1
             assert self.pair.apply([op]) == []
+
+        # Descriptors stay open across the other calls, which unlink, replace, rename and copy up
+        # their names: every call through them must act on the opened object as the kernel's does.
+        @rule(path=paths, flags=st.sampled_from([os.O_RDONLY, os.O_RDWR, os.O_PATH]))
+        def open_fd(self, path, flags):
+            assume(len(self.fds) < 6)
+            opened = [_result(lambda: os.open(p(root, path), flags | os.O_NOFOLLOW))
+                      for root in (self.pair.kmnt, self.pair.omnt)]
+            both_int = all(isinstance(fd, int) and not isinstance(fd, bool) for fd in opened)
+            for fd in opened:
+                if isinstance(fd, int) and not both_int:
+                    os.close(fd)
+            assert [fd if not isinstance(fd, int) else "fd" for fd in opened] == ["fd", "fd"] or \
+                opened[0] == opened[1], f"open {path}: kernel {opened[0]!r} ovlfuse {opened[1]!r}"
+            if both_int:
+                self.fds.append((opened[0], opened[1]))
+
+        @rule(which=st.integers(0, 5), call=st.sampled_from(sorted(FD_CALLS)))
+        def fd_call(self, which, call):
+            assume(self.fds)
+            kfd, ofd = self.fds[which % len(self.fds)]
+            self.steps += 1
+            results = [_result(lambda: FD_CALLS[call](fd, self.pair.started_ns)) for fd in (kfd, ofd)]
+            assert results[0] == results[1], f"{call}: kernel {results[0]!r} ovlfuse {results[1]!r}"
+
+        @rule(which=st.integers(0, 5))
+        def close_fd(self, which):
+            assume(self.fds)
+            for fd in self.fds.pop(which % len(self.fds)):
+                os.close(fd)
 
         @rule(path=paths, data=st.binary(max_size=64), how=st.sampled_from(["wb", "ab", "r+b"]),
               at=st.integers(0, 5000))
@@ -470,6 +532,9 @@ def _machine(whiteout_files: bool = False):
 
         def teardown(self):
             try:
+                for pair in self.fds:
+                    for fd in pair:
+                        os.close(fd)
                 if self.steps:
                     assert self.pair.tree_differences() == []
                 self.mounts.close()
