@@ -420,7 +420,10 @@ def _machine(whiteout_files: bool = False):
         @rule(path=paths, flags=st.sampled_from([os.O_RDONLY, os.O_RDWR, os.O_PATH]))
         def open_fd(self, path, flags):
             assume(len(self.fds) < 6)
-            opened = [_result(lambda: os.open(p(root, path), flags | os.O_NOFOLLOW))
+            # never a device (a write through it would reach the host's device) nor a blocking fifo open
+            kind = _result(lambda: stat.S_IFMT(os.lstat(p(self.pair.kmnt, path)).st_mode))
+            assume(kind not in (stat.S_IFCHR, stat.S_IFBLK))
+            opened = [_result(lambda: os.open(p(root, path), flags | os.O_NOFOLLOW | os.O_NONBLOCK))
                       for root in (self.pair.kmnt, self.pair.omnt)]
             both_int = all(isinstance(fd, int) and not isinstance(fd, bool) for fd in opened)
             for fd in opened:

@@ -168,6 +168,7 @@ class DirOps:
         if new.link is not None:
             inode = new.link
             inode.st = Attrs(st)
+            self.namei.shared(inode)
         else:
             inode = Inode(self.stack.ino(self.upper, st.st_ino), self.upper, st,
                           parts=(self.upper,) if new.is_dir else ())

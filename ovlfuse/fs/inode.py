@@ -64,7 +64,7 @@ class Inode:
     """One object of the merged view (see the module docstring)."""
 
     __slots__ = ("ino", "generation", "layer", "st", "aliases", "pin", "lowerpath", "nlookup", "parts",
-                 "children", "complete", "record", "symlink", "stale")
+                 "children", "complete", "record", "symlink", "stale", "__weakref__")
 
     def __init__(self, ino: int, layer: Layer, st: os.stat_result | Attrs, parts: tuple[Layer, ...] = ()) -> None:
         self.ino = ino  # the number reported to the kernel, and the node id

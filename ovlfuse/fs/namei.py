@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -249,6 +250,8 @@ class Namei:
         self.max_entries = max_entries
         self.cached_entries = 0  # names in all built indexes
         self._idle: OrderedDict[Inode, None] = OrderedDict()  # forgotten directories with an index
+        # objects with more than one link, by (device, real inode): all their names share one Inode
+        self._links: weakref.WeakValueDictionary[tuple[int, int], Inode] = weakref.WeakValueDictionary()
 
     @property
     def root(self) -> Inode:
@@ -277,14 +280,26 @@ class Namei:
         return entries
 
     def _entry(self, directory: Inode, name: bytes, inode: Inode) -> Entry:
-        """A new name in ``directory``'s index, naming the inode the kernel holds for the same object if any."""
+        """A new name in ``directory``'s index, naming the inode already known for the same object, if any."""
         parent = directory.aliases[0] if directory.aliases else None
         held = self.nodes.held(inode.ino)
         if held is not None and same_object(held, inode):
             inode = held
+        inode = self.shared(inode)
         entry = Entry(name, parent, inode)
         inode.aliases.append(entry)
         return entry
+
+    def shared(self, inode: Inode) -> Inode:
+        """The one Inode of a hard-linked object: a link count or a change seen through one name is seen by all."""
+        if inode.parts or inode.st.st_nlink < 2:
+            return inode
+        key = (inode.layer.dev, inode.st.st_ino)
+        known = self._links.get(key)
+        if known is not None and same_object(known, inode):
+            return known
+        self._links[key] = inode
+        return inode
 
     def _indexed(self, directory: Inode, entries: dict[bytes, Entry], complete: bool) -> None:
         before = 0 if directory.children is None else len(directory.children)
