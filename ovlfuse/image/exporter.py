@@ -8,11 +8,13 @@ directory (``overlay.opaque`` = ``y``, or ``.wh..wh..opq``) gets a
 hard links, xattrs are PAX records (the overlay's own markers and stat
 records left out), and owners, modes and device types come from the
 layer's stat override records where it keeps them.  Entries are sorted by
-name and carry nothing of the moment or the machine (times in seconds, no
-user names), so the same layer always gives the same bytes.
+name and carry nothing of the moment or the machine (no user names, no
+atime or ctime, modification times in whole seconds as Docker's ``Diff``
+writes them), so the same layer always gives the same bytes.
 
 A whole image (``--tag``) is a ``docker save`` archive: every layer of the
-chain but Docker's ``-init`` layers, each exported as above, a config with
+chain but Docker's ``-init`` layers, each exported as above (the layers
+below the top with their times to the nanosecond, as they were stored), a config with
 their diff ids (the base image's config where one is known) and a
 ``manifest.json`` naming the tag.  ``docker load`` and ``podman load``
 take it.
@@ -72,8 +74,8 @@ class LayerTar:
 class _Walker:
     """Writes one layer directory's entries as tar members."""
 
-    def __init__(self, diff: str, tar: TarWriter, progress: Progress) -> None:
-        self.diff, self.tar, self.progress = diff, tar, progress
+    def __init__(self, diff: str, tar: TarWriter, progress: Progress, whole_seconds: bool) -> None:
+        self.diff, self.tar, self.progress, self.whole_seconds = diff, tar, progress, whole_seconds
         self.links: dict[tuple[int, int], bytes] = {}
         self.newest = 0
 
@@ -127,8 +129,8 @@ class _Walker:
             print(f"ovlfuse: leaving out /{path.decode(errors='replace')}: a socket has no tar form",
                   file=sys.stderr)
             return
-        mtime = int(st.st_mtime)
-        self.newest = max(self.newest, mtime)
+        mtime = st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000 if self.whole_seconds else st.st_mtime_ns
+        self.newest = max(self.newest, mtime // 1_000_000_000)
         xattrs = self._xattrs(fd, name)
         perm = stat.S_IMODE(mode)
         name_out = path + b"/" if kind == "dir" else path
@@ -166,13 +168,20 @@ class _Walker:
             os.close(src)
 
 
-def write_layer(diff: str, out: BinaryIO, compression: str | None, progress: Progress) -> LayerTar:
-    """The tar stream of layer directory ``diff`` into ``out``."""
+def write_layer(diff: str, out: BinaryIO, compression: str | None, progress: Progress,
+                whole_seconds: bool = True) -> LayerTar:
+    """The tar stream of layer directory ``diff`` into ``out``.
+
+    ``whole_seconds``: modification times cut to the second, as Docker's
+    ``Diff`` (``docker commit``, ``docker build``) writes a layer's changes;
+    otherwise to the nanosecond, as the files have them, which gives back an
+    image layer stored from a tar that kept them.
+    """
     written = _Hashing(out)
     packed = compressor(compression, written)
     plain = _Hashing(packed)
     tar = TarWriter(plain)
-    walker = _Walker(diff, tar, progress)
+    walker = _Walker(diff, tar, progress, whole_seconds)
     walker.run()
     tar.close()
     if packed is not written:
@@ -241,11 +250,11 @@ def export_image(diffs: list[str], path: str, tag: str, base_config: bytes | Non
     temps: list[str] = []
     try:
         layers: list[LayerTar] = []
-        for diff in diffs:
+        for n, diff in enumerate(diffs):
             temp = f"{out.temp if not out.stdout else os.path.abspath('.ovlfuse-export')}.layer{len(temps)}"
             temps.append(temp)
             with open(temp, "xb") as f:
-                layers.append(write_layer(diff, f, compression, bars))
+                layers.append(write_layer(diff, f, compression, bars, whole_seconds=n == len(diffs) - 1))
             bars.layer_done()
         config = _base_config(base_config)
         config["rootfs"] = {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]}

@@ -4,8 +4,8 @@ USTAR headers, with a PAX extended header only where USTAR cannot say it
 (a long or non-ASCII name or link, an id or size out of range, xattrs as
 ``SCHILY.xattr.NAME``, as Go's ``archive/tar`` writes them for Docker);
 no user or group names (they would come from this machine's passwd),
-times in whole seconds (as Docker's layer tars have them), no atime or
-ctime.  The end is two zero blocks, without padding to a 10 KiB record
+modification times to the nanosecond (as Docker's layer tars keep them), no
+atime or ctime.  The end is two zero blocks, without padding to a 10 KiB record
 (Go's writer pads none either).
 """
 
@@ -56,7 +56,7 @@ class TarWriter:
         block[148:156] = b"%06o\0 " % sum(block)
         return bytes(block)
 
-    def add(self, name: bytes, kind: str, mode: int, uid: int, gid: int, mtime: int, size: int = 0,
+    def add(self, name: bytes, kind: str, mode: int, uid: int, gid: int, mtime_ns: int, size: int = 0,
             link: bytes = b"", devmajor: int = 0, devminor: int = 0,
             xattrs: dict[str, bytes] | None = None) -> None:
         """Write one header (and a PAX header before it if needed); content follows with ``data``/``pad``."""
@@ -74,9 +74,10 @@ class TarWriter:
                 pax.append(_pax_record(key.encode(), b"%d" % value))
         if not _fits(size, 12):
             pax.append(_pax_record(b"size", b"%d" % size))
-        if not _fits(mtime, 12):
-            pax.append(_pax_record(b"mtime", b"%d" % mtime))
-            mtime = 0
+        seconds, fraction = divmod(mtime_ns, 1_000_000_000)
+        if fraction or not _fits(seconds, 12):  # Docker's layer tars keep nanoseconds too
+            pax.append(_pax_record(b"mtime", (b"%d.%09d" % (seconds, fraction)).rstrip(b"0").rstrip(b".")))
+        mtime = seconds if _fits(seconds, 12) else 0
         for key in sorted(xattrs or {}):
             pax.append(_pax_record(b"SCHILY.xattr." + key.encode("utf-8", "surrogateescape"), xattrs[key]))
         if pax:
