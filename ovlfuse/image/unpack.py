@@ -16,7 +16,8 @@ What the archive says and what is written:
   below: a directory of that name becomes opaque, a file stays.
 - A name given twice is refused (the OCI layer format forbids it), except a
   directory given again, whose metadata the later entry sets.
-- Missing parent directories are made (0755, root's), as Docker makes them.
+- Missing parent directories are made (0755, root's), as Docker makes them;
+  the layer's root keeps the store's own metadata (Docker skips ``./``).
 - Owners, modes and xattrs are set as the archive says where the user may
   set them.  Where not, ``marks`` keeps them in stat override records:
   device nodes become empty files whose record names the device, and xattrs
@@ -79,7 +80,6 @@ class Unpacker:
         self.stats = Stats()
         self._parents: dict[bytes, int] = {}
         self._dirs: list[_Dir] = []
-        self._root_meta: _Dir | None = None
 
     # --- parents -------------------------------------------------------------
 
@@ -159,9 +159,8 @@ class Unpacker:
 
     def _entry(self, member: Member, reader: TarReader) -> None:
         if not member.path:
-            self._root_meta = _Dir(b"", member.mode, member.uid, member.gid, member.atime_ns, member.mtime_ns)
-            self._xattrs(self.root, None, member)
-            return
+            return  # the layer's root keeps the driver's own metadata: Docker skips "./" too
+
         head, _, leaf = member.path.rpartition(b"/")
         if leaf.startswith(marks.WH_PREFIX):
             self._marker(head, leaf, member)
@@ -354,7 +353,7 @@ class Unpacker:
                 self.stats.skipped_xattrs[key] += 1
 
     def _finish_dirs(self) -> None:
-        """Directory modes and times, deepest first, then the layer root's."""
+        """Directory modes and times, deepest first."""
         self.close()
         for d in sorted(self._dirs, key=lambda d: d.path.count(b"/"), reverse=True):
             head, _, leaf = d.path.rpartition(b"/")
@@ -363,21 +362,12 @@ class Unpacker:
                 self._dir_mode(parent, leaf, d)
             finally:
                 os.close(parent)
-        d = self._root_meta or _Dir(b"", 0o755, 0, 0, None, 0)
-        if self.privileged and self._root_meta is not None:
-            self._owner(self.root, None, Member(b"", DIR, d.mode, d.uid, d.gid, 0, d.mtime_ns), stat.S_IFDIR)
         if not self.privileged or self.stats.records:
             # a layer keeps records only if its root has one (ovlfuse and fuse-overlayfs decide so)
-            self._record(self.root, None, d.uid, d.gid, stat.S_IFDIR | d.mode)
-        if self._root_meta is not None:
-            self._dir_mode(self.root, None, d)
+            self._record(self.root, None, 0, 0, stat.S_IFDIR | 0o755)
 
-    def _dir_mode(self, parent: int, leaf: bytes | None, d: _Dir) -> None:
+    def _dir_mode(self, parent: int, leaf: bytes, d: _Dir) -> None:
         mode = d.mode if self.privileged else (d.mode & 0o777) | 0o700
         atime = d.atime_ns if d.atime_ns is not None and d.atime_ns > d.mtime_ns else d.mtime_ns
-        if leaf is None:
-            os.chmod(parent, mode)
-            os.utime(parent, ns=(atime, d.mtime_ns))
-        else:
-            os.chmod(leaf, mode, dir_fd=parent, follow_symlinks=False)
-            os.utime(leaf, ns=(atime, d.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        os.chmod(leaf, mode, dir_fd=parent, follow_symlinks=False)
+        os.utime(leaf, ns=(atime, d.mtime_ns), dir_fd=parent, follow_symlinks=False)
