@@ -86,6 +86,15 @@ class Writer:
         os.setxattr(fd_path(dirfd, name), RECORD, value, follow_symlinks=name is None)
 
 
+    @classmethod
+    def record_path(cls, path: str, uid: int, gid: int, mode: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            cls.record(fd, None, uid, gid, mode)
+        finally:
+            os.close(fd)
+
+
 def is_whiteout_device(st: os.stat_result) -> bool:
     return markers.is_device_whiteout(st)
 

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ovlfuse.errors import OvlError
+from ovlfuse.image import marks
 from ovlfuse.store import containers
 
 TEMP_PREFIX = ".import-"
@@ -271,6 +272,8 @@ class Store:
             raise OvlError(f"the store {self.root} already has a container named {name!r}; choose another name")
         container_id = secrets.token_hex(32)
         pending = self.new_layer(parent)
+        if os.geteuid() != 0:  # an ordinary user's layer keeps owners in records, as its image's layers do
+            marks.Writer.record_path(pending.diff, 0, 0, stat.S_IFDIR | 0o755)
         self._place(pending)
         self._record_dir(os.path.join(self.layerdb, "mounts", container_id),
                          {"mount-id": pending.id, "parent": parent_chain})
