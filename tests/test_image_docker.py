@@ -16,7 +16,7 @@ import tarfile
 import pytest
 
 from mounts import kernel_mount, ovlfuse_mount, run_ovlfuse
-from test_docker import Docker, _kernel_image_view, docker, mnt  # noqa: F401  (module fixtures, reused)
+from test_docker import Docker, _kernel_image_view, docker  # noqa: F401  (the module's dockerd, reused)
 from treesnap import differences, snapshot
 
 IMAGES = ["built:v1", "committed:v1", "base:v1"]

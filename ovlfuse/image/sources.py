@@ -62,10 +62,6 @@ class ImageSpec:
     layers: list[Blob]  # bottom first
     names: list[str] = field(default_factory=list)
 
-    @property
-    def diff_ids(self) -> list[str]:
-        return self.parsed_config()["rootfs"]["diff_ids"]
-
     def parsed_config(self) -> dict[str, Any]:
         return json.loads(self.config)
 
@@ -114,7 +110,7 @@ class _Files:
     def blob(self, name: str, what: str, digest: str | None = None) -> Blob:
         if self.is_dir:
             try:
-                fd = open_beneath(self.fd, check_path(name.encode(), "blob").decode().encode(), os.O_RDONLY)
+                fd = open_beneath(self.fd, check_path(name.encode(), "blob"), os.O_RDONLY)
             except (OSError, ArchiveError) as e:
                 raise OvlError(f"{self.label}: cannot open {name} ({getattr(e, 'strerror', e)}); "
                                "the image layout is incomplete") from None
