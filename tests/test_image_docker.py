@@ -62,8 +62,12 @@ def test_the_store_is_laid_out_as_dockers_driver_lays_it_out(docker, saved):
     chain = [layer["path"] for layer in json.loads(result.stdout)["layers"]]
     assert len(chain) == len(docker.chain("image", "committed:v1")) == 4
     links = {}
-    for n, diff in enumerate(chain):
+    theirs = docker.chain("image", "committed:v1")
+    for n, (diff, docker_diff) in enumerate(zip(chain, theirs)):
         layer = os.path.dirname(diff)
+        for name in ("committed", "work", "lower", "link"):  # what dockerd's own layers hold, ours hold
+            assert os.path.exists(os.path.join(layer, name)) == \
+                os.path.exists(os.path.join(os.path.dirname(docker_diff), name)), (n, name)
         assert os.path.dirname(layer) == layers and len(os.path.basename(layer)) == 64
         link = open(os.path.join(layer, "link")).read()
         assert len(link) == 26 and os.readlink(os.path.join(layers, "l", link)) == f"../{os.path.basename(layer)}/diff"

@@ -72,15 +72,16 @@ def test_an_ordinary_user_imports_mounts_changes_and_exports():
     with ordinary_user() as user:
         base, layer = _archives(user.home)
         user.own(user.home)
-        store, mnt = os.path.join(user.home, "store"), os.path.join(user.home, "mnt")
-        _ovlfuse(user, "import", "-q", "--docker-root", store, "--name", "base:v1", base)
-        _ovlfuse(user, "import", "-q", "--docker-root", store, "--parent", "base:v1", "--name", "app:v1",
-                 "--container", "box", layer)
+        mnt = os.path.join(user.home, "mnt")
+        store = os.path.join(user.home, ".local", "share", "ovlfuse")  # the user's default store
+        _ovlfuse(user, "import", "-q", "--name", "base:v1", base)
+        _ovlfuse(user, "import", "-q", "--parent", "base:v1", "--name", "app:v1", "--container", "box", layer)
+        assert os.path.isdir(os.path.join(store, "overlay2", "l"))
         os.mkdir(mnt)
         user.own(mnt)
 
-        # the image as the archives say, through the records
-        _ovlfuse(user, "--docker-root", store, "app:v1", mnt)
+        # the image as the archives say, through the records; found by name in the default store
+        _ovlfuse(user, "app:v1", mnt)
         try:
             shown = _as_user(user, "stat -c '%n %u:%g %a %F %t:%T' bin/su etc/shadow dev/null etc/app; "
                              "ls opt", cwd=mnt)
@@ -91,8 +92,7 @@ def test_an_ordinary_user_imports_mounts_changes_and_exports():
                                       "tree"]
 
         # changed as the image's root, mapped to the user
-        _ovlfuse(user, "--docker-root", store, "-o", f"uidmapping=0:{user.uid}:1,gidmapping=0:{user.gid}:1",
-                 "box", mnt)
+        _ovlfuse(user, "-o", f"uidmapping=0:{user.uid}:1,gidmapping=0:{user.gid}:1", "box", mnt)
         try:
             _as_user(user, "echo new > etc/new; rm etc/motd; rm -r opt/tree; mkdir opt/tree; echo n > opt/tree/n; "
                      "echo more >> etc/passwd", cwd=mnt)
@@ -100,8 +100,8 @@ def test_an_ordinary_user_imports_mounts_changes_and_exports():
             _as_user(user, f"fusermount3 -u {mnt}")
 
         out, image = os.path.join(user.home, "changes.tar"), os.path.join(user.home, "image.tar")
-        _ovlfuse(user, "export", "-q", "--docker-root", store, "box", "-O", out)
-        _ovlfuse(user, "export", "-q", "--docker-root", store, "box", "--tag", "app:v2", "-O", image)
+        _ovlfuse(user, "export", "-q", "box", "-O", out)
+        _ovlfuse(user, "export", "-q", "box", "--tag", "app:v2", "-O", image)
         with tarfile.open(out) as t:
             members = {m.name: (m.type, m.uid, m.gid, m.mode) for m in t}
         assert members == {

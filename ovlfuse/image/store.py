@@ -219,7 +219,13 @@ class Store:
         records = {"cache-id": pending.id, "diff": diff_id, "size": str(size)}
         if parent_chain is not None:
             records["parent"] = parent_chain
-        self._record_dir(os.path.join(self.layerdb, "sha256", chain.removeprefix("sha256:")), records)
+        try:
+            self._record_dir(os.path.join(self.layerdb, "sha256", chain.removeprefix("sha256:")), records)
+        except BaseException:  # a layer no record names would only take space
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.layers, "l", pending.link))
+            remove_tree(os.path.join(self.layers, pending.id))
+            raise
         return pending.id
 
     def _record_dir(self, final: str, records: dict[str, str]) -> None:
