@@ -266,7 +266,8 @@ class Unpacker:
         st = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
             return
-        self._owner(parent, leaf, member, stat.S_IFMT(st.st_mode), st.st_rdev)
+        if self.privileged:  # a record already on the target (a device's type among it) stays as it is
+            self._owner(parent, leaf, member, stat.S_IFMT(st.st_mode), st.st_rdev)
         self._xattrs(parent, leaf, member)
         os.utime(leaf, ns=self._times(member), dir_fd=parent, follow_symlinks=False)
 
@@ -326,8 +327,8 @@ class Unpacker:
                     raise
         if symlink:
             return  # no user xattrs on symlinks: shown as the user's, as in rootless podman's stores
-        if (member.uid, member.gid) != (self.uid, self.gid) or (member.mode & 0o7000) or \
-                ((member.mode | 0o600) != member.mode and not directory):
+        kept = (member.mode & 0o777) | (0o700 if directory else 0o600)  # what the disk gets: the user's own rw(x)
+        if (member.uid, member.gid) != (self.uid, self.gid) or kept != member.mode:
             self._record(dirfd, name, member.uid, member.gid, kind | member.mode, rdev)
         if not directory:
             self._chmod(dirfd, name, (member.mode & 0o777) | 0o600)
