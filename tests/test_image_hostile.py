@@ -254,3 +254,12 @@ def test_a_killed_import_leaves_no_partial_layer_and_the_next_one_clears_it(plac
     result = _import(store, _tar(_file("small")), tmp_path, "--name", "small:v1")
     assert result.returncode == 0, result.stderr
     assert not any(n.startswith(".import-") for n in _layers(store))
+
+
+def test_a_taken_container_name_is_refused_before_anything_is_written(place, tmp_path):
+    store, _ = place
+    assert _import(store, _tar(_file("a")), tmp_path, "--name", "one:v1", "--container", "box").returncode == 0
+    before = _layers(store)
+    result = _import(store, _tar(_file("b")), tmp_path, "--name", "two:v1", "--container", "box")
+    _refused(result, "already has a container named 'box'")
+    assert _layers(store) == before

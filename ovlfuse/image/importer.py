@@ -140,16 +140,13 @@ def _names(spec: ImageSpec, given: list[str]) -> list[str]:
     return [n for n in spec.names if "/" in n or ":" in n]
 
 
-def _layer_config(parent: bytes | None, diff_id: str, created: str | None) -> bytes:
+def _layer_config(parent: bytes | None, diff_id: str) -> bytes:
     """The config of a single imported layer: its parent image's, with the layer added, or a bare one."""
     config = json.loads(parent) if parent else {
         "architecture": _ARCH.get(platform.machine(), platform.machine()), "os": "linux", "config": {},
         "rootfs": {"type": "layers", "diff_ids": []}, "history": []}
     config["rootfs"]["diff_ids"] = list(config["rootfs"]["diff_ids"]) + [diff_id]
-    history = {"created_by": "ovlfuse import", "comment": "layer tarball"}
-    if created:
-        history["created"] = created
-    config.setdefault("history", []).append(history)
+    config.setdefault("history", []).append({"created_by": "ovlfuse import", "comment": "layer tarball"})
     return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -166,6 +163,8 @@ def import_archive(path: str, docker_root: str, names: list[str], parent: str | 
                     sum(len(i.layers) for i in source.images)
                 if parent is not None:
                     raise OvlError(f"--parent is for a single layer tarball; {path} holds whole images")
+            if container is not None:
+                store.check_container_name(container)
             if (names or container) and source.layer is None and len(source.images) != 1:
                 raise OvlError(f"{path} holds {len(source.images)} images; --name and --container need "
                                "an archive of one (or import it without them)")
@@ -178,9 +177,10 @@ def import_archive(path: str, docker_root: str, names: list[str], parent: str | 
                 else:
                     for spec in source.images:
                         top, count, new = builder.image(spec)
-                        store.add_image(spec.config, spec.config_digest)
-                        tagged = [store.tag(n, spec.config_digest) for n in _names(spec, names)]
-                        builder.report.images.append(Imported(spec.config_digest, tagged, count, new, top))
+                        image_id = "sha256:" + hashlib.sha256(spec.config).hexdigest()  # Docker's image id
+                        store.add_image(spec.config, image_id)
+                        tagged = [store.tag(n, image_id) for n in _names(spec, names)]
+                        builder.report.images.append(Imported(image_id, tagged, count, new, top))
             finally:
                 bars.close()
             if container is not None:
@@ -215,7 +215,7 @@ def _import_layer(store: Store, builder: _Layers, blob: Blob, names: list[str], 
         remove_tree(pending.temp)  # the same layer is there already
         new = 0
     builder.progress.layer_done()
-    config = _layer_config(parent_config, diff_id, None)
+    config = _layer_config(parent_config, diff_id)
     image_id = "sha256:" + hashlib.sha256(config).hexdigest()
     store.add_image(config, image_id)
     tagged = [store.tag(n, image_id) for n in names]

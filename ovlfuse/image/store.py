@@ -270,12 +270,16 @@ class Store:
         with open(os.path.join(self.meta, "imagedb", "content", "sha256", image_id), "rb") as f:
             return "sha256:" + image_id, f.read()
 
-    def add_container(self, name: str, image_id: str, parent: str, parent_chain: str) -> str:
-        """An empty writable layer on an image, recorded as Docker records a created container."""
+    def check_container_name(self, name: str) -> None:
+        """A name ``docker create`` would take, and one the store does not hold yet."""
         if not re.match(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$", name):
             raise OvlError(f"{name!r} is not a container name: use letters, digits and _.- as docker create does")
         if containers.docker_container(self.root, name) is not None:
             raise OvlError(f"the store {self.root} already has a container named {name!r}; choose another name")
+
+    def add_container(self, name: str, image_id: str, parent: str, parent_chain: str) -> str:
+        """An empty writable layer on an image, recorded as Docker records a created container."""
+        self.check_container_name(name)
         container_id = secrets.token_hex(32)
         pending = self.new_layer(parent)
         if os.geteuid() != 0:  # an ordinary user's layer keeps owners in records, as its image's layers do
