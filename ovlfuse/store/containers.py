@@ -30,6 +30,7 @@ def default_storage_root() -> str:
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(data, "containers", "storage")
 
+
 def default_import_root() -> str:
     """Where ``ovlfuse import`` keeps images by default, a Docker-layout root of ovlfuse's own."""
     if os.geteuid() == 0:
