@@ -216,7 +216,9 @@ INTRO = """\
 The same workloads on the kernel's overlay, fuse-overlayfs and ovlfuse, in one
 run, on one machine.  This page is written by `python -m bench` (the text
 lives in `bench/report.py`, the numbers in [{img}/results.json]({img}/results.json)):
-edit the generator, not this file.
+edit the generator, not this file.  Image import and export against `docker load`
+and `docker save` have their own page, [bench/image.md](bench/image.md), written by
+`python -m bench.image`.
 
 ## How to reproduce
 

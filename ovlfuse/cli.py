@@ -16,7 +16,9 @@ USAGE = """\
   ovlfuse diff [--upper] [--no-times] [--json] A B
   ovlfuse verify [--root DIR] LAYER | -o lowerdir=...
   ovlfuse layers [--root DIR] [--json] LAYER
-  ovlfuse which [--root DIR] [--json] LAYER PATH"""
+  ovlfuse which [--root DIR] [--json] LAYER PATH
+  ovlfuse import [--docker-root DIR] [--name NAME[:TAG]] [--container NAME] ARCHIVE
+  ovlfuse export [--root DIR] LAYER -O OUT.tar [--compress gzip|zstd] [--tag NAME:TAG [--from IMAGE]]"""
 
 EPILOG = """\
 LAYER is a layer id (64 hex digits, or a unique prefix of at least 12, as
@@ -215,7 +217,47 @@ def _diff(argv: list[str]) -> int:
     return run_diff(ns.a, ns.b, upper=ns.upper, times=not ns.no_times, as_json=ns.json)
 
 
-COMMANDS = {"diff": _diff, "verify": _verify, "layers": _layers, "which": _which}
+def _import(argv: list[str]) -> int:
+    from ovlfuse.image import importer
+
+    parser = argparse.ArgumentParser(
+        prog="ovlfuse import", description="Import a docker save archive, an OCI image layout (directory or "
+        "tar) or a layer tarball (plain, gzip, zstd, bzip2, xz) into an overlay2 store, with its names.")
+    parser.add_argument("archive")
+    parser.add_argument("--docker-root", metavar="DIR", help="the store: layers in DIR/overlay2, names in "
+                        "DIR/image (default /var/lib/ovlfuse, or ~/.local/share/ovlfuse for an ordinary user)")
+    parser.add_argument("--root", metavar="DIR", help="the store's overlay2 directory instead (DIR/.. keeps the names)")
+    parser.add_argument("--name", action="append", default=[], metavar="NAME[:TAG]",
+                        help="name the image so (repeatable); default: the archive's own names")
+    parser.add_argument("--parent", metavar="IMAGE", help="a layer tarball goes on top of this image of the store")
+    parser.add_argument("--container", metavar="NAME", help="also make an empty writable layer on the image, "
+                        "mounted and exported by NAME (as docker create does)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    ns = parser.parse_args(argv)
+    if ns.root and os.path.basename(os.path.normpath(ns.root)) != "overlay2":
+        parser.error("--root names a store's overlay2 directory (DIR/overlay2); or give --docker-root DIR")
+    return importer.main(ns.archive, ns.docker_root, ns.root, ns.name, ns.parent, ns.container, ns.quiet)
+
+
+def _export(argv: list[str]) -> int:
+    from ovlfuse.image import exporter
+
+    parser = _layer_parser("export", "Write LAYER's own changes (its diff/) as an OCI layer tarball, or with "
+                           "--tag the whole image as a docker save archive for docker load and podman load.")
+    parser.add_argument("-O", "--output", required=True, metavar="OUT", help="file to write ('-': stdout)")
+    parser.add_argument("--compress", choices=("none", "gzip", "zstd"), default="none")
+    parser.add_argument("--tag", metavar="NAME:TAG", help="write the whole image (all layers but -init ones)")
+    parser.add_argument("--from", dest="base", metavar="IMAGE", help="with --tag: keep this image's config "
+                        "(command, environment, ...)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    ns = parser.parse_intermixed_args(argv)
+    plan, _ = _plan(ns, parser, 0)
+    return exporter.main(plan, ns.output, None if ns.compress == "none" else ns.compress, ns.tag, ns.base,
+                         ns.docker_root, ns.quiet)
+
+
+COMMANDS = {"diff": _diff, "verify": _verify, "layers": _layers, "which": _which, "import": _import,
+            "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

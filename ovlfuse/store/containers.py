@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 DOCKER_ROOT = "/var/lib/docker"
 STORAGE_ROOT = "/var/lib/containers/storage"
+IMPORT_ROOT = "/var/lib/ovlfuse"
 
 
 def default_storage_root() -> str:
@@ -28,6 +29,15 @@ def default_storage_root() -> str:
         return STORAGE_ROOT
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(data, "containers", "storage")
+
+
+def default_import_root() -> str:
+    """Where ``ovlfuse import`` keeps images by default, a Docker-layout root of ovlfuse's own."""
+    if os.geteuid() == 0:
+        return IMPORT_ROOT
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "ovlfuse")
+
 
 _REGISTRY_PREFIXES = ("docker.io/library/", "docker.io/", "localhost/")
 
@@ -141,6 +151,11 @@ def _docker_image_id(image_dir: str, name: str) -> str | None:
     return by_prefix[0] if len(by_prefix) == 1 else None
 
 
+def docker_image_id(docker_root: str, name: str) -> str | None:
+    """The id (64 hex digits) of the image ``name`` names in a Docker-layout root."""
+    return _docker_image_id(os.path.join(docker_root, "image", "overlay2"), name)
+
+
 def docker_image(docker_root: str, name: str) -> EngineLayer | None:
     """A Docker image's topmost layer: the ``cache-id`` of the chain of its config's diff ids."""
     image_dir = os.path.join(docker_root, "image", "overlay2")
@@ -190,9 +205,11 @@ def storage_layer(storage_root: str, name: str) -> EngineLayer | None:
 
 
 def find(name: str, docker_root: str, storage_root: str) -> EngineLayer | None:
-    """The layer an engine knows by ``name``: Docker containers, Docker images, then containers/storage."""
+    """The layer an engine knows by ``name``: Docker containers, Docker images, then containers/storage,
+    then what ``ovlfuse import`` keeps in its default root."""
+    imported = default_import_root()
     for lookup, root in ((docker_container, docker_root), (docker_image, docker_root),
-                         (storage_layer, storage_root)):
+                         (storage_layer, storage_root), (docker_container, imported), (docker_image, imported)):
         if os.path.isdir(root):
             found = lookup(root, name)
             if found is not None:

@@ -68,9 +68,9 @@ def find_layer(root: str, layer: str) -> str:
                        "(an engine's own store is root's)") from None
     except OSError:
         pass
-    if not os.path.isdir(root):
-        raise OvlError(f"store root {root} does not exist or is not a directory; "
-                       "pass --root DIR or set OVLFUSE_ROOT to your overlay2 directory")
+    if not os.path.isdir(root):  # an engine or an import store may still know the name
+        raise LayerNotFound(f"store root {root} does not exist or is not a directory; "
+                            "pass --root DIR or set OVLFUSE_ROOT to your overlay2 directory")
     if layer != "l" and os.path.isdir(os.path.join(root, layer)):
         return os.path.join(root, layer)
     if not _ID.match(layer):
