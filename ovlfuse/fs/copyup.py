@@ -16,6 +16,7 @@ import itertools
 import os
 import shutil
 import stat
+from collections.abc import Callable
 
 import trio
 
@@ -31,6 +32,7 @@ from ovlfuse.fs.statoverride import Stored
 THREAD_COPY_BYTES = 1 << 20
 _FICLONE = 0x40049409
 _READ_COPY_BYTES = 1 << 20  # one read and write of a copy that copy_file_range cannot do
+_RANGE_BYTES = 64 << 20  # one copy_file_range call at most, so progress is reported as a big copy goes
 
 
 # The whiteout every new whiteout is a hard link of, as the kernel keeps one in work/.
@@ -125,23 +127,29 @@ def copy_metadata(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_f
     os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
 
 
-def copy_data(src: int, dst: int, size: int, sync: bool = False) -> None:
+def _ignore(*args: object) -> None:
+    pass
+
+
+def copy_data(src: int, dst: int, size: int, sync: bool = False,
+              report: Callable[[int], None] = _ignore) -> None:
     """Copy ``size`` bytes, sharing extents where the filesystem can and skipping holes.
 
     ``sync``: make the data durable before the copy is renamed into place, as
     the kernel's copy-up does, so not even a power cut exposes a partial copy.
+    ``report(offset)``: how far the copy has come, as it goes.
     """
     try:
         fcntl.ioctl(dst, _FICLONE, src)
         if os.fstat(dst).st_size != size:  # a copy-up for a truncate wants only the head
             os.ftruncate(dst, size)
     except OSError:
-        _copy_extents(src, dst, size)
+        _copy_extents(src, dst, size, report)
     if sync:
         os.fsync(dst)
 
 
-def _copy_extents(src: int, dst: int, size: int) -> None:
+def _copy_extents(src: int, dst: int, size: int, report: Callable[[int], None]) -> None:
     offset = 0
     while offset < size:
         try:
@@ -151,12 +159,12 @@ def _copy_extents(src: int, dst: int, size: int) -> None:
                 break  # only a hole is left
             raise
         hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
-        _copy_range(src, dst, data, hole)
+        _copy_range(src, dst, data, hole, report)
         offset = hole
     os.ftruncate(dst, size)
 
 
-def _copy_range(src: int, dst: int, pos: int, end: int) -> None:
+def _copy_range(src: int, dst: int, pos: int, end: int, report: Callable[[int], None]) -> None:
     """Copy bytes ``pos``..``end`` to the same offsets.
 
     copy_file_range does not cross filesystem types (EXDEV: a btrfs lower
@@ -164,7 +172,7 @@ def _copy_range(src: int, dst: int, pos: int, end: int) -> None:
     """
     while pos < end:
         try:
-            n = os.copy_file_range(src, dst, end - pos, pos, pos)
+            n = os.copy_file_range(src, dst, min(end - pos, _RANGE_BYTES), pos, pos)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
@@ -172,6 +180,7 @@ def _copy_range(src: int, dst: int, pos: int, end: int) -> None:
         if n == 0:
             break
         pos += n
+        report(pos)
 
 
 def _rename_keeping_times(work_fd: int, tmp: bytes, upper_parent: int, name: bytes) -> None:
@@ -182,7 +191,14 @@ def _rename_keeping_times(work_fd: int, tmp: bytes, upper_parent: int, name: byt
 
 
 class CopyUp:
-    """Copies lower objects into the upper layer, parents first."""
+    """Copies lower objects into the upper layer, parents first.
+
+    Each copy is reported to two hooks, for a view of the running mount:
+    ``progress(path, done, total)`` when it starts (``done`` 0) and as its
+    data is copied (from a worker thread for a big file), and
+    ``finished(path, ok)`` once it is in place or abandoned.  ``total`` is
+    the number of data bytes to copy (0 for anything but a regular file).
+    """
 
     def __init__(self, stack: LayerStack, namei: Namei, work: Workdir) -> None:
         assert stack.upper is not None
@@ -191,6 +207,8 @@ class CopyUp:
         self.namei = namei
         self.work = work
         self.touched: list[Entry] = []  # directories whose upper part changed (for invalidation)
+        self.progress: Callable[[bytes, int, int], None] = _ignore
+        self.finished: Callable[[bytes, bool], None] = _ignore
 
     def upper_dir(self, directory: Entry) -> int:
         """An O_PATH fd of ``directory``'s upper part, copying it (and its parents) up if needed."""
@@ -208,6 +226,8 @@ class CopyUp:
     def _copy_dir(self, directory: Entry, upper_parent: int) -> None:
         src_parent = open_beneath(directory.layer.fd, directory.parent_path(), os.O_PATH | os.O_DIRECTORY)
         tmp = self.work.tmpname()
+        self.progress(directory.path, 0, 0)
+        ok = False
         try:
             os.mkdir(tmp, 0o700, dir_fd=self.work.fd)
             # O_PATH: the copy needs the directory's metadata only, and a directory with a bad
@@ -221,11 +241,13 @@ class CopyUp:
                 os.close(src)
             origin.record(self.stack, src_parent, directory.name, self.work.fd, tmp)
             _rename_keeping_times(self.work.fd, tmp, upper_parent, directory.name)
+            ok = True
         except BaseException:
             self._discard(tmp)
             raise
         finally:
             os.close(src_parent)
+            self.finished(directory.path, ok)
         directory.layer = self.upper
         directory.dirs = (self.upper,) + directory.dirs
         directory.st = os.stat(directory.name, dir_fd=upper_parent, follow_symlinks=False)
@@ -265,6 +287,9 @@ class CopyUp:
         src_parent = open_beneath(entry.layer.fd, entry.parent_path(), os.O_PATH | os.O_DIRECTORY)
         tmp = self.work.tmpname()
         wfd = self.work.fd
+        path = entry.path
+        started = False
+        ok = False
         try:
             if stat.S_ISREG(st.st_mode):
                 src = open_beneath(entry.layer.fd, entry.path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -274,8 +299,11 @@ class CopyUp:
                         size = os.fstat(src).st_size
                         if limit is not None:
                             size = min(size, limit)
+                        self.progress(path, 0, size)
+                        started = True
                         if size > THREAD_COPY_BYTES:
-                            await trio.to_thread.run_sync(copy_data, src, dst, size, True)
+                            await trio.to_thread.run_sync(copy_data, src, dst, size, True,
+                                                          lambda done: self.progress(path, done, size))
                         elif size:  # a small copy inline, its fsync (milliseconds) on a worker thread
                             copy_data(src, dst, size)
                             await trio.to_thread.run_sync(os.fsync, dst)
@@ -283,19 +311,25 @@ class CopyUp:
                         os.close(dst)
                 finally:
                     os.close(src)
-            elif stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(name, dir_fd=src_parent), tmp, dir_fd=wfd)
-            else:  # fifo, socket, device
-                os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
+            else:
+                self.progress(path, 0, 0)
+                started = True
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(name, dir_fd=src_parent), tmp, dir_fd=wfd)
+                else:  # fifo, socket, device
+                    os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
             copy_metadata(st, src_parent, name, wfd, tmp, stored_attributes(entry),
                           (entry.layer.override, self.upper.override))
             origin.record(self.stack, src_parent, name, wfd, tmp)
             _rename_keeping_times(wfd, tmp, upper_parent, name)
+            ok = True
         except BaseException:
             self._discard(tmp)
             raise
         finally:
             os.close(src_parent)
+            if started:
+                self.finished(path, ok)
 
     def _discard(self, tmp: bytes) -> None:
         try:

@@ -98,6 +98,23 @@ class MergeEngine:
             self.copyup = CopyUp(stack, self.namei, self.work)
             self.dirops = DirOps(stack, self.namei, self.copyup, self.work)
 
+    # --- what the adapter shows of a running mount ---------------------------
+    def path_of(self, ino: int) -> bytes | None:
+        """A merged path of node ``ino`` (b"" for the root), or None if the kernel holds no such node now."""
+        node = self.nodes.find(ino)
+        return None if node is None else node.entry.path
+
+    def stats(self) -> dict[str, int]:
+        """Sizes of the engine's caches and tables, as flat counts."""
+        return {
+            "nodes": len(self.nodes),
+            "index_dirs": len(self.namei._cache),
+            "index_entries": self.namei._cached_entries,
+            "index_entries_max": self.namei.max_entries,
+            "open_files": len(self.files._files),
+            "open_dirs": len(self.dirs._handles),
+        }
+
     def _entry(self, ino: int) -> Entry:
         return self.nodes.get(ino).entry
 
