@@ -62,7 +62,7 @@ def test_the_log_records_mount_unmount_and_errors_without_debug(layers, tmp_path
     lines = _log_lines(log)
     assert lines[0].startswith(f"ovlfuse INFO mounted ovlfuse on {mnt}: 1 lower layers, upper {layers['upper']}, "
                                "read-write; options allow_other,default_permissions,"), lines
-    assert f"ovlfuse WARNING open /d/f flags 0o100000 [uid 0 gid 0 pid " in "\n".join(lines)
+    assert "ovlfuse WARNING open /d/f flags 0o100000 [uid 0 gid 0 pid " in "\n".join(lines)
     warning = next(line for line in lines if "WARNING" in line)
     assert warning.endswith("] -> ELOOP"), warning
     assert not any("ENOENT" in line for line in lines)
