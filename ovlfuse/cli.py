@@ -35,10 +35,11 @@ ro, rw, userxattr, the generic options dev, nodev, suid, nosuid, exec,
 noexec, sync, async, dirsync, atime, noatime, fstab-only options (defaults,
 noauto, user, nofail, _netdev, x-*), and index=off, redirect_dir=off,
 metacopy=off, xino=off|auto, uuid=off|null as Docker passes them.
-Sharing: as root a mount serves every user, the kernel checking modes, as
-the kernel's overlay does (-o noallow_other keeps it root's alone); an
-ordinary user's mount is theirs alone unless -o allow_other or allow_root,
-which /etc/fuse.conf must allow (user_allow_other).
+Sharing: as root a mount serves every user, the kernel checking modes, and
+runs set-user-ID programs, as the kernel's overlay does (-o noallow_other
+keeps it root's alone, nosuid turns set-user-ID off); an ordinary user's
+mount is theirs alone unless -o allow_other or allow_root, which
+/etc/fuse.conf must allow (user_allow_other).
 libfuse's conventions: debug (as -d), auto_unmount (a killed daemon's mount
 goes away), fsname=, subtype=; accepted and ignored, with the reason in the
 log: relatime, strictatime, diratime, lazytime and their no- forms,

@@ -188,14 +188,14 @@ def _fuse_conf(allow_other: bool):
 
 def test_an_ordinary_users_mount_is_theirs_alone_unless_asked_and_allowed(user):
     base = os.path.join(user.home, "own")
-    lower, mnt = os.path.join(base, "lower"), os.path.join(base, "mnt")
-    os.makedirs(os.path.join(lower, "d"))
-    with open(os.path.join(lower, "d", "f"), "w") as f:
+    lower, lower2, mnt = (os.path.join(base, n) for n in ("lower", "lower2", "mnt"))
+    for d in (lower, lower2, mnt):
+        os.makedirs(d)
+    with open(os.path.join(lower, "f"), "w") as f:
         f.write("shared\n")
-    os.mkdir(mnt)
     user.own(base)
     os.chmod(base, 0o755)
-    opts = f"lowerdir={lower}:{lower}/d"
+    opts = f"lowerdir={lower}:{lower2}"
     other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", os.path.join(mnt, "f")]
 
     def mount(*extra: str) -> subprocess.CompletedProcess:

@@ -59,11 +59,12 @@ def unmount(path: str, device: str | None = None, busy_for: float = 5.0) -> None
         entry = find(path)
         if entry is None or (device is not None and entry.device != device):
             return
-        for cmd in (["fusermount3", "-u", path], ["umount", path]):
+        fuse = entry.fstype.startswith("fuse")
+        for cmd in ([["fusermount3", "-u", path]] if fuse else []) + [["umount", path]]:
             if subprocess.run(cmd, capture_output=True).returncode == 0:
                 return
         if time.monotonic() >= deadline:
-            for cmd in (["umount", "-l", path], ["fusermount3", "-uz", path]):
+            for cmd in [["umount", "-l", path]] + ([["fusermount3", "-uz", path]] if fuse else []):
                 if subprocess.run(cmd, capture_output=True).returncode == 0:
                     return
             return
