@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ovlfuse.sys import daemons
 from ovlfuse.sys.mountinfo import is_mounted
 
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
@@ -98,12 +99,13 @@ class Mount:
             rw = f",upperdir={lowerdir_option([upper], root)},workdir={lowerdir_option([work], root)}"
         if kind == "kernel":
             self._mount_kernel(root, names, upper, work)
-        elif kind == "fuse-overlayfs":
+        elif kind in ("fuse-overlayfs", "ovlfuse"):
             opt = "lowerdir=" + lowerdir_option(names, root) + rw
-            self._spawn([FUSE_OVERLAYFS, "-f", "-o", opt, str(mnt)])
-        elif kind == "ovlfuse":
-            opt = "lowerdir=" + lowerdir_option(names, root) + rw
-            self._spawn([sys.executable, "-m", "ovlfuse", "-f", "-o", opt, str(mnt)])
+            # ovlfuse's own spawner: started by PID, waited for, unmounted and ended by PID on close()
+            self.daemon = daemons.start(["-o", opt, str(mnt)], str(mnt), timeout=MOUNT_TIMEOUT,
+                                        program=[FUSE_OVERLAYFS] if kind == "fuse-overlayfs" else None,
+                                        log_path=str(self.log))
+            self.proc = self.daemon.proc
         else:
             raise ValueError(kind)
 
@@ -131,24 +133,6 @@ class Mount:
         if r.returncode != 0:
             raise RuntimeError(f"kernel overlay mount failed: {r.stderr.strip()}")
 
-    def _spawn(self, argv: list[str]) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT,
-                                         cwd=Path(__file__).resolve().parent.parent)
-        try:
-            deadline = time.monotonic() + MOUNT_TIMEOUT
-            while not is_mounted(self.mnt):
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} "
-                                       f"before mounting: {self.log.read_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.kind} did not mount within {MOUNT_TIMEOUT}s")
-                time.sleep(0.02)
-        except BaseException:
-            self.close()  # never leave the daemon (or a late mount) behind
-            raise
-
     def close(self) -> None:
         if self.proc is None:
             if is_mounted(self.mnt):
@@ -156,28 +140,7 @@ class Mount:
                 if r.returncode != 0:
                     subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
             return
-        try:
-            for _ in range(50):
-                if not is_mounted(self.mnt):
-                    break
-                r = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
-                if r.returncode == 0:
-                    break
-                time.sleep(0.1)
-            else:
-                subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
-        finally:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()  # signals this Popen's PID only
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            if is_mounted(self.mnt):
-                subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+        self.daemon.stop()
 
 
 # --------------------------------------------------------------------------

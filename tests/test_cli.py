@@ -12,6 +12,7 @@ import time
 import pytest
 
 from mounts import is_mounted, kernel_mount, ovlfuse_mount, run_ovlfuse
+from ovlfuse.sys import mountinfo
 from ovlfuse.tools.demo import StoreWriter
 from stores import fingerprint, rich_store
 from treesnap import differences, snapshot
@@ -308,7 +309,8 @@ def test_mountpoint_already_mounted(store, tmp_path, mnt):
         _fails_cleanly(["--root", store.root, store.top.id, mnt], store.root, mnt, "already a mount point")
 
 
-@pytest.mark.parametrize("option", ["bogus", "index=on", "metacopy=on", "redirect_dir=on", "lowerdir=a::b"])
+@pytest.mark.parametrize("option", ["bogus", "index=on", "metacopy=on", "redirect_dir=on", "lowerdir=a::b",
+                                    "uuid=on", "uuid=auto", "max_threads=many", "subtype="])
 def test_unknown_or_unsupported_options(store, mnt, option):
     lowers = os.path.join(store.root, "l", store.top.chain[0])
     opts = option if option.startswith("lowerdir") else f"lowerdir={lowers},{option}"
@@ -325,3 +327,114 @@ def test_usage_errors_are_one_line(mnt):
     result = run_ovlfuse(mnt)
     assert result.returncode == 2
     assert "give LAYER MOUNTPOINT" in result.stderr
+
+
+# --- libfuse's and fuse-overlayfs's conventions ----------------------------------------
+
+@pytest.mark.parametrize("option, ignored", [
+    ("relatime", True), ("norelatime", True), ("strictatime", True), ("nostrictatime", True),
+    ("diratime", True), ("nodiratime", True), ("lazytime", True), ("nolazytime", True),
+    ("max_threads=4", True), ("max_idle_threads=2", True), ("clone_fd", True),
+    ("uuid=off", False), ("uuid=null", False), ("atime", False), ("noatime", False),
+    ("allow_root", False), ("auto_unmount", False), ("noallow_other", False), ("default_permissions", False),
+])
+def test_conventions_mount_and_say_what_they_ignore(store, mnt, tmp_path, option, ignored):
+    log = tmp_path / "ovlfuse.log"
+    with ovlfuse_mount(["-o", option, "--log-file", str(log), "--root", store.root, store.top.id, mnt], mnt):
+        assert open(os.path.join(mnt, "container-new")).read() == "c\n"
+    said = [line for line in log.read_text().splitlines() if " INFO option " in line]
+    if ignored:
+        assert len(said) == 1 and said[0].split(" INFO option ")[1].startswith(option + ": "), said
+    else:
+        assert said == []
+
+
+def test_single_threaded_flag_and_debug_option(store, mnt, tmp_path):
+    log = tmp_path / "ovlfuse.log"
+    with ovlfuse_mount(["-s", "-o", "debug", "--log-file", str(log), "--root", store.root, store.top.id, mnt], mnt):
+        os.listdir(mnt)
+    text = log.read_text()
+    assert "option -s: ovlfuse always serves on one loop" in text
+    assert "ovlfuse.trace DEBUG opendir / [uid 0" in text
+
+
+def test_fsname_and_subtype_show_in_the_mount_table(store, mnt):
+    with ovlfuse_mount(["-o", "fsname=mylayers,subtype=layerfs", "--root", store.root, store.top.id, mnt], mnt):
+        entry = mountinfo.find(mnt)
+        assert (entry.fstype, entry.source) == ("fuse.layerfs", "mylayers")
+    with ovlfuse_mount(["--root", store.root, store.top.id, mnt], mnt):
+        entry = mountinfo.find(mnt)
+        assert (entry.fstype, entry.source) == ("fuse.ovlfuse", store.top.id)
+
+
+def test_root_mounts_serve_every_user_and_run_set_user_id_programs(store, mnt):
+    """As the kernel's overlay (and fuse-overlayfs as root): allow_other, and suid unless nosuid."""
+    with ovlfuse_mount(["--root", store.root, store.top.id, mnt], mnt):
+        entry = mountinfo.find(mnt)
+        assert "allow_other" in entry.options and "nosuid" not in entry.options
+    with ovlfuse_mount(["-o", "nosuid,noallow_other", "--root", store.root, store.top.id, mnt], mnt):
+        entry = mountinfo.find(mnt)
+        assert "allow_other" not in entry.options and "nosuid" in entry.options
+
+
+def test_auto_unmount_takes_a_killed_daemons_mount_away(store, mnt, daemon):
+    d = daemon(["-o", "auto_unmount", "--root", store.root, store.top.id, mnt], mnt)
+    assert d.result.returncode == 0, d.result.stderr
+    assert open(os.path.join(mnt, "container-new")).read() == "c\n"
+    os.kill(d.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while is_mounted(mnt):
+        assert time.monotonic() < deadline, "the killed daemon's mount stayed"
+        time.sleep(0.02)
+    assert os.listdir(mnt) == []
+    again = daemon(["--root", store.root, store.top.id, mnt], mnt)  # and the mount point is free again
+    assert again.result.returncode == 0, again.result.stderr
+
+
+def test_a_dead_mount_is_named_with_its_cure(store, mnt, daemon):
+    d = daemon(["--root", store.root, store.top.id, mnt], mnt)
+    assert d.result.returncode == 0
+    os.kill(d.pid, signal.SIGKILL)
+    assert _wait_gone(d.pid)
+    assert is_mounted(mnt)
+    result = run_ovlfuse("--root", store.root, store.top.id, mnt)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"ovlfuse: {mnt} is a dead FUSE mount (its daemon is gone); clear it with "
+                                     f"'fusermount3 -u {mnt}' (or 'umount -l {mnt}' as root), then mount again")
+    subprocess.run(["fusermount3", "-u", mnt], check=True)  # the cure, as told
+    again = daemon(["--root", store.root, store.top.id, mnt], mnt)
+    assert again.result.returncode == 0, again.result.stderr
+
+
+def test_pid_files_go_on_every_exit_path(store, mnt, tmp_path):
+    pid_file = tmp_path / "ovlfuse.pid"
+    pid_file.write_text("999999\n")  # a killed daemon's stale file is replaced
+    with ovlfuse_mount(["--pid-file", str(pid_file), "--root", store.root, store.top.id, mnt], mnt) as d:
+        assert pid_file.read_text() == f"{d.pid}\n"
+    assert not pid_file.exists()  # unmounted from outside
+    with ovlfuse_mount(["--pid-file", str(pid_file), "--root", store.root, store.top.id, mnt], mnt) as d:
+        d.proc.send_signal(signal.SIGHUP)
+        assert d.wait(timeout=20) == 0
+    assert not pid_file.exists()  # a signal
+    pid_file.write_text("stale\n")
+    failed = run_ovlfuse("--pid-file", str(pid_file), "-o", "lowerdir=/nonexistent", mnt)
+    assert failed.returncode == 1
+    assert pid_file.read_text() == "stale\n"  # a failed mount writes none, and takes no one else's
+
+
+def test_a_mount_fusermount3_refuses_says_why_without_wrong_hints(store, tmp_path):
+    """An ordinary user who may not write the mount point: fusermount3's own reason, and no /dev/fuse hint."""
+    from users import ordinary_user
+
+    with ordinary_user() as user:
+        lower = os.path.join(user.home, "lower")
+        os.mkdir(lower)
+        user.own(lower)
+        root_owned = os.path.join(user.home, "rootmnt")
+        os.mkdir(root_owned, 0o755)
+        result = user.run("-o", f"lowerdir={lower}", root_owned)
+        assert result.returncode == 1
+        line = result.stderr.strip()
+        assert "\n" not in line and "no write access to mountpoint" in line, line
+        assert "/dev/fuse" not in line and "is installed" not in line, line
+        assert not is_mounted(root_owned)

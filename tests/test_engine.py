@@ -153,10 +153,11 @@ def test_kernel_caches_entries_negatives_and_pages(tmp_path):
             os.stat(mnt / "a" / "shadow")
             assert (mnt / "big").read_bytes()[:1] is not None
         subprocess.run(["sync"])
-    assert _requests(log, r"lookup \d+ b'no-such-file'") == 1, "negative entries must be cached"
-    assert _requests(log, r"lookup \d+ b'shadow'") == 1
-    assert _requests(log, r"lookup \d+ b'big'") == 1
-    assert 0 < _requests(log, r"read \d+ at 0 ") <= 1, "keep_cache: a second open reads from the page cache"
+    assert _requests(log, r"trace DEBUG lookup /a/no-such-file ") == 1, "negative entries must be cached"
+    assert _requests(log, r"trace DEBUG lookup /a/shadow ") == 1
+    assert _requests(log, r"trace DEBUG lookup /big ") == 1
+    assert 0 < _requests(log, r"trace DEBUG read /big \(fh \d+\) offset 0 ") <= 1, \
+        "keep_cache: a second open reads from the page cache"
 
 
 def test_walk_survives_forgets(tmp_path):

@@ -148,12 +148,10 @@ def base(tmp_path_factory) -> Path:
 def pair(base):
     """(ovlfuse podman, kernel podman), each with the same base image imported.
 
-    A root mount of ovlfuse serves only root unless it has ``allow_other``
-    (fuse-overlayfs adds it by itself as root); storage.conf's ``mountopt``
-    passes it, as containers that run as another user need.
+    No ``mountopt``: a root mount of ovlfuse serves every user by itself (as
+    fuse-overlayfs's does), as containers that run as another user need.
     """
-    yield from _sides(base, [Podman(base / "ovlfuse", OVLFUSE, "overlay.mountopt=allow_other"),
-                             Podman(base / "kernel", None)])
+    yield from _sides(base, [Podman(base / "ovlfuse", OVLFUSE), Podman(base / "kernel", None)])
 
 
 def _sides(base: Path, sides: list[Podman]):

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ovlfuse
+from mounts import decoy_cwd
 
 USER = "ovlfuse-test"
 # Held while the user exists and /dev/fuse is opened up, so that two test runs on
@@ -38,18 +39,24 @@ class OrdinaryUser:
     pythonpath: str
 
     def run(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        """``python -m ovlfuse ARGS`` as this user."""
-        return self.python_run("-m", "ovlfuse", *args, env=env, timeout=timeout)
+        """``python -P -m ovlfuse ARGS`` as this user, from a directory holding a folder ``ovlfuse`` never to import.
 
-    def python_run(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        """``python ARGS`` as this user, with ovlfuse and its dependencies importable."""
+        ``-P`` keeps that directory off the import path, as a console script does;
+        what ovlfuse itself starts (verify's daemon, its user namespace) must too.
+        """
+        return self.python_run("-P", "-m", "ovlfuse", *args, env=env, timeout=timeout, cwd=decoy_cwd())
+
+    def python_run(self, *args: str, env: dict | None = None, timeout: float = 300,
+                   cwd: str | None = None) -> subprocess.CompletedProcess:
+        """``python ARGS`` as this user (from its home), with ovlfuse and its dependencies importable."""
         return self.command("env", f"PYTHONPATH={self.pythonpath}", f"HOME={self.home}",
-                            *(f"{k}={v}" for k, v in (env or {}).items()), self.python, *args, timeout=timeout)
+                            *(f"{k}={v}" for k, v in (env or {}).items()), self.python, *args, timeout=timeout,
+                            cwd=cwd)
 
-    def command(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """``ARGS`` run as this user (and the user's groups) in the user's home."""
+    def command(self, *args: str, timeout: float = 300, cwd: str | None = None) -> subprocess.CompletedProcess:
+        """``ARGS`` run as this user (and the user's groups), in the user's home unless ``cwd``."""
         return subprocess.run(["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", *args],
-                              capture_output=True, text=True, timeout=timeout, cwd=self.home)
+                              capture_output=True, text=True, timeout=timeout, cwd=cwd or self.home)
 
     def own(self, path: str) -> None:
         subprocess.run(["chown", "-R", f"{self.uid}:{self.gid}", path], check=True)

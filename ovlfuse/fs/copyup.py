@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 
 import trio
 
@@ -34,6 +35,7 @@ from ovlfuse.sys.safeio import RENAME_NOREPLACE, fd_path, list_xattrs, open_bene
 THREAD_COPY_BYTES = 1 << 20
 _FICLONE = 0x40049409
 _READ_COPY_BYTES = 1 << 20  # one read and write of a copy that copy_file_range cannot do
+_RANGE_BYTES = 64 << 20  # one copy_file_range call at most, so progress is reported as a big copy goes
 
 
 def copy_metadata(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes,
@@ -68,23 +70,29 @@ def copy_metadata(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_f
     os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
 
 
-def copy_data(src: int, dst: int, size: int, sync: bool = False) -> None:
+def _ignore(*args: object) -> None:
+    pass
+
+
+def copy_data(src: int, dst: int, size: int, sync: bool = False,
+              report: Callable[[int], None] = _ignore) -> None:
     """Copy ``size`` bytes, sharing extents where the filesystem can and skipping holes.
 
     ``sync``: make the data durable before the copy is renamed into place, as
     the kernel's copy-up does, so not even a power cut exposes a partial copy.
+    ``report(offset)``: how far the copy has come, as it goes.
     """
     try:
         fcntl.ioctl(dst, _FICLONE, src)
         if os.fstat(dst).st_size != size:  # a copy-up for a truncate wants only the head
             os.ftruncate(dst, size)
     except OSError:
-        _copy_extents(src, dst, size)
+        _copy_extents(src, dst, size, report)
     if sync:
         os.fsync(dst)
 
 
-def _copy_extents(src: int, dst: int, size: int) -> None:
+def _copy_extents(src: int, dst: int, size: int, report: Callable[[int], None]) -> None:
     offset = 0
     while offset < size:
         try:
@@ -94,12 +102,12 @@ def _copy_extents(src: int, dst: int, size: int) -> None:
                 break  # only a hole is left
             raise
         hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
-        _copy_range(src, dst, data, hole)
+        _copy_range(src, dst, data, hole, report)
         offset = hole
     os.ftruncate(dst, size)
 
 
-def _copy_range(src: int, dst: int, pos: int, end: int) -> None:
+def _copy_range(src: int, dst: int, pos: int, end: int, report: Callable[[int], None]) -> None:
     """Copy bytes ``pos``..``end`` to the same offsets.
 
     copy_file_range does not cross filesystem types (EXDEV: a btrfs lower
@@ -107,7 +115,7 @@ def _copy_range(src: int, dst: int, pos: int, end: int) -> None:
     """
     while pos < end:
         try:
-            n = os.copy_file_range(src, dst, end - pos, pos, pos)
+            n = os.copy_file_range(src, dst, min(end - pos, _RANGE_BYTES), pos, pos)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
@@ -115,6 +123,7 @@ def _copy_range(src: int, dst: int, pos: int, end: int) -> None:
         if n == 0:
             break
         pos += n
+        report(pos)
 
 
 def _rename_keeping_times(work_fd: int, tmp: bytes, upper_parent: int, name: bytes) -> None:
@@ -125,7 +134,14 @@ def _rename_keeping_times(work_fd: int, tmp: bytes, upper_parent: int, name: byt
 
 
 class CopyUp:
-    """Copies lower objects into the upper layer, parents first."""
+    """Copies lower objects into the upper layer, parents first.
+
+    Each copy is reported to two hooks, for a view of the running mount:
+    ``progress(path, done, total)`` when it starts (``done`` 0) and as its
+    data is copied (from a worker thread for a big file), and
+    ``finished(path, ok)`` once it is in place or abandoned.  ``total`` is
+    the number of data bytes to copy (0 for anything but a regular file).
+    """
 
     def __init__(self, stack: LayerStack, namei: Namei, work: Workdir) -> None:
         assert stack.upper is not None
@@ -134,6 +150,8 @@ class CopyUp:
         self.namei = namei
         self.work = work
         self.touched: list[Inode] = []  # directories whose upper part changed (for invalidation)
+        self.progress: Callable[[bytes, int, int], None] = _ignore
+        self.finished: Callable[[bytes, bool], None] = _ignore
 
     def upper_dir(self, entry: Entry) -> int:
         """An O_PATH fd of the directory ``entry``'s upper part, copying it (and its parents) up if needed."""
@@ -154,6 +172,8 @@ class CopyUp:
         parent_path = path.rpartition(b"/")[0]
         src_parent = open_beneath(directory.layer.fd, parent_path, os.O_PATH | os.O_DIRECTORY)
         tmp = self.work.tmpname()
+        self.progress(path, 0, 0)
+        ok = False
         try:
             os.mkdir(tmp, 0o700, dir_fd=self.work.fd)
             # O_PATH: the copy needs the directory's metadata only, and a directory with a bad
@@ -167,11 +187,13 @@ class CopyUp:
                 os.close(src)
             origin.record(self.stack, src_parent, entry.name, self.work.fd, tmp)
             _rename_keeping_times(self.work.fd, tmp, upper_parent, entry.name)
+            ok = True
         except BaseException:
             self.work.discard(tmp)
             raise
         finally:
             os.close(src_parent)
+            self.finished(path, ok)
         directory.layer = self.upper
         directory.parts = (self.upper,) + directory.parts
         directory.st = Attrs(os.stat(entry.name, dir_fd=upper_parent, follow_symlinks=False))
@@ -223,6 +245,7 @@ class CopyUp:
         src_parent = open_beneath(inode.layer.fd, path.rpartition(b"/")[0], os.O_PATH | os.O_DIRECTORY)
         tmp = self.work.tmpname()
         wfd = self.work.fd
+        started = ok = False
         try:
             if stat.S_ISREG(st.st_mode):
                 src = open_beneath(inode.layer.fd, path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -232,8 +255,11 @@ class CopyUp:
                         size = os.fstat(src).st_size
                         if limit is not None:
                             size = min(size, limit)
+                        self.progress(path, 0, size)
+                        started = True
                         if size > THREAD_COPY_BYTES:
-                            await trio.to_thread.run_sync(copy_data, src, dst, size, True)
+                            await trio.to_thread.run_sync(copy_data, src, dst, size, True,
+                                                          lambda done: self.progress(path, done, size))
                         elif size:  # a small copy inline, its fsync (milliseconds) on a worker thread
                             copy_data(src, dst, size)
                             await trio.to_thread.run_sync(os.fsync, dst)
@@ -241,17 +267,23 @@ class CopyUp:
                         os.close(dst)
                 finally:
                     os.close(src)
-            elif stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(name, dir_fd=src_parent), tmp, dir_fd=wfd)
-            else:  # fifo, socket, device
-                os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
+            else:
+                self.progress(path, 0, 0)
+                started = True
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(name, dir_fd=src_parent), tmp, dir_fd=wfd)
+                else:  # fifo, socket, device
+                    os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
             lst = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
             copy_metadata(lst, src_parent, name, wfd, tmp, stored_attributes(inode),
                           (inode.layer.override, self.upper.override))
             origin.record(self.stack, src_parent, name, wfd, tmp)
             _rename_keeping_times(wfd, tmp, upper_parent, name)
+            ok = True
         except BaseException:
             self.work.discard(tmp)
             raise
         finally:
             os.close(src_parent)
+            if started:
+                self.finished(path, ok)

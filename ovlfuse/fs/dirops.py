@@ -172,8 +172,8 @@ class DirOps:
         else:
             inode = Inode(self.stack.ino(self.upper, st.st_ino), self.upper, st,
                           parts=(self.upper,) if new.is_dir else ())
-            if new.is_dir:  # nothing below it shows: its index is known to be empty
-                inode.children, inode.complete = {}, True
+            if new.is_dir:  # nothing below it shows
+                self.namei.known_empty(inode)
         return self.namei.add(parent, name, inode), opened[0] if opened else None
 
     # --- removals ---------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class DirOps:
             else:
                 self._remove_upper_dir(upper_parent, name)
         self._remove(parent, entry, remove)
-        directory.children, directory.complete = {}, True  # nothing is left in it
+        self.namei.known_empty(directory)
         return directory
 
     def _remove_upper_dir(self, upper_parent: int, name: bytes) -> None:

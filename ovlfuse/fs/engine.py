@@ -133,17 +133,24 @@ class MergeEngine:
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.stack.layers[0].fd)
 
+    # --- what the adapter shows of a running mount -------------------------------------------
     def path_of(self, nodeid: int) -> bytes | None:
-        """A merged path of the inode (for logs), or None if no name reaches it now."""
+        """A merged path of node ``nodeid`` (b"" for the root), or None if no name reaches it now."""
         inode = self.nodes.find(nodeid)
         if inode is None or not inode.aliases:
             return None
         return inode.aliases[0].path
 
     def stats(self) -> dict[str, int]:
-        """Sizes of what the engine keeps, for ``ovlfuse status``."""
-        return {"inodes_held": len(self.nodes), "index_entries": self.namei.cached_entries,
-                "open_files": len(self.files), "open_dirs": len(self.dirs)}
+        """Sizes of the engine's caches and tables, as flat counts."""
+        return {
+            "nodes": len(self.nodes),
+            "index_dirs": self.namei.indexed_dirs,
+            "index_entries": self.namei.cached_entries,
+            "index_entries_max": self.namei.max_entries,
+            "open_files": len(self.files),
+            "open_dirs": len(self.dirs),
+        }
 
     # --- readdir ----------------------------------------------------------------------------
     def opendir(self, nodeid: int) -> int:

@@ -249,6 +249,7 @@ class Namei:
         self.nodes = NodeTable(root)
         self.max_entries = max_entries
         self.cached_entries = 0  # names in all built indexes
+        self.indexed_dirs = 0  # directories with an index
         self._idle: OrderedDict[Inode, None] = OrderedDict()  # forgotten directories with an index
         # objects with more than one link, by (device, real inode): all their names share one Inode
         self._links: weakref.WeakValueDictionary[tuple[int, int], Inode] = weakref.WeakValueDictionary()
@@ -303,6 +304,7 @@ class Namei:
 
     def _indexed(self, directory: Inode, entries: dict[bytes, Entry], complete: bool) -> None:
         before = 0 if directory.children is None else len(directory.children)
+        self.indexed_dirs += directory.children is None
         directory.children = entries
         directory.complete = complete
         self.cached_entries += len(entries) - before
@@ -325,6 +327,7 @@ class Namei:
         directory.complete = False
         self._idle.pop(directory, None)
         self.cached_entries -= len(children)
+        self.indexed_dirs -= 1
         for entry in children.values():
             entry.inode.aliases = [a for a in entry.inode.aliases if a is not entry]
             if entry.inode.children is not None and entry.inode.nlookup == 0:
@@ -341,6 +344,12 @@ class Namei:
             self._shrink()
 
     # --- changes made through the merged view -------------------------------------------------
+    def known_empty(self, directory: Inode) -> None:
+        """``directory`` holds nothing (new, or just removed): its index is empty, no listing needed."""
+        for entry in (directory.children or {}).values():
+            entry.inode.drop_alias(entry)
+        self._indexed(directory, {}, complete=True)
+
     def add(self, directory: Inode, name: bytes, inode: Inode) -> Entry:
         """Record a new name in ``directory`` (its index gets it, if built)."""
         entry = Entry(name, directory.aliases[0] if directory.aliases else None, inode)

@@ -105,7 +105,6 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> EntryAttributes:
-        log.debug("lookup %d %r", parent_inode, name)
         return entry_attributes(self.engine.lookup(parent_inode, name))
 
     async def forget(self, inode_list: list[tuple[InodeT, int]]) -> None:
@@ -116,28 +115,23 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
-        log.debug("getattr %d", inode)
         return entry_attributes(self.engine.getattr(inode))
 
     @fuse_errors
     async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
-        log.debug("setattr %d", inode)
         return entry_attributes(await self.engine.setattr(inode, set_attr(attr, fields), fh))
 
     @fuse_errors
     async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
-        log.debug("readlink %d", inode)
         return FileNameT(self.engine.readlink(inode))
 
     @fuse_errors
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
-        log.debug("opendir %d", inode)
         return FileHandleT(self.engine.opendir(inode))
 
     @fuse_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        log.debug("readdir %d from %d", fh, start_id)
         for name, attr, offset in self.engine.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, FileNameT(name), entry_attributes(attr), offset):
                 if name not in (b".", b".."):
@@ -150,22 +144,18 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
-        log.debug("fsyncdir %d", fh)
         await self.engine.fsyncdir(fh, datasync)
 
     @fuse_errors
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
-        log.debug("open %d flags %#o", inode, flags)
         return file_info(await self.engine.open(inode, flags))
 
     @fuse_errors
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        log.debug("read %d at %d size %d", fh, off, size)
         return await self.engine.read(fh, off, size)
 
     @fuse_errors
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        log.debug("write %d at %d size %d", fh, off, len(buf))
         return self.engine.write(fh, off, buf)
 
     @fuse_errors
@@ -174,7 +164,6 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
-        log.debug("fsync %d", fh)
         await self.engine.fsync(fh, datasync)
 
     @fuse_errors
@@ -183,22 +172,18 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
-        log.debug("getxattr %d %r", inode, name)
         return self.engine.getxattr(inode, name)
 
     @fuse_errors
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> list[bytes]:
-        log.debug("listxattr %d", inode)
         return self.engine.listxattr(inode)
 
     @fuse_errors
     async def setxattr(self, inode: InodeT, name: bytes, value: bytes, ctx: RequestContext) -> None:
-        log.debug("setxattr %d %r", inode, name)
         await self.engine.setxattr(inode, name, value)
 
     @fuse_errors
     async def removexattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> None:
-        log.debug("removexattr %d %r", inode, name)
         await self.engine.removexattr(inode, name)
 
     @fuse_errors
@@ -220,49 +205,41 @@ class OverlayOperations(pyfuse3.Operations):
     @fuse_errors
     async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
                      ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
-        log.debug("create %d %r mode %#o flags %#o", parent_inode, name, mode, flags)
         opened, attr = await self.engine.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid, ctx.umask)
         return file_info(opened), entry_attributes(attr)
 
     @fuse_errors
     async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
                     ctx: RequestContext) -> EntryAttributes:
-        log.debug("mkdir %d %r mode %#o", parent_inode, name, mode)
         return entry_attributes(await self.engine.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid, ctx.umask))
 
     @fuse_errors
     async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
                     ctx: RequestContext) -> EntryAttributes:
-        log.debug("mknod %d %r mode %#o rdev %d", parent_inode, name, mode, rdev)
         return entry_attributes(await self.engine.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid,
                                                         ctx.umask))
 
     @fuse_errors
     async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
                       ctx: RequestContext) -> EntryAttributes:
-        log.debug("symlink %d %r -> %r", parent_inode, name, target)
         return entry_attributes(await self.engine.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @fuse_errors
     async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
                    ctx: RequestContext) -> EntryAttributes:
-        log.debug("link %d to %d %r", inode, new_parent_inode, new_name)
         return entry_attributes(await self.engine.link(inode, new_parent_inode, new_name))
 
     @fuse_errors
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
-        log.debug("unlink %d %r", parent_inode, name)
         await self.engine.unlink(parent_inode, name)
 
     @fuse_errors
     async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
-        log.debug("rmdir %d %r", parent_inode, name)
         await self.engine.rmdir(parent_inode, name)
 
     @fuse_errors
     async def rename(self, parent_inode_old: InodeT, name_old: FileNameT, parent_inode_new: InodeT,
                      name_new: FileNameT, flags: FlagT, ctx: RequestContext) -> None:
-        log.debug("rename %d %r to %d %r flags %d", parent_inode_old, name_old, parent_inode_new, name_new, flags)
         await self.engine.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
 

@@ -19,10 +19,16 @@ from ovlfuse.fs.idmap import MAX_ID, IdMap, IdRange, parse_id, parse_mapping
 
 # Generic options the FUSE mount itself applies (libfuse passes them to mount(2)).
 _VFS_FLAGS = {
-    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "sync", "async", "dirsync",
-    "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
-    "strictatime", "nostrictatime", "lazytime", "nolazytime",
+    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "sync", "async", "dirsync", "atime", "noatime",
 }
+# Generic options libfuse cannot pass on: accepted, as fuse-overlayfs accepts them, and explained.
+_IGNORED_VFS = {name: "the layers' own filesystems keep the access times, as their mounts say"
+                for name in ("diratime", "nodiratime", "relatime", "norelatime", "strictatime", "nostrictatime")}
+_IGNORED_VFS.update({name: "FUSE keeps no timestamps of its own to write back lazily"
+                     for name in ("lazytime", "nolazytime")})
+# libfuse's options for its multi-threaded loop: ovlfuse serves on one trio loop, as fuse-overlayfs does
+# unless told threaded=1.
+_LOOP_OPTIONS = {"max_threads", "max_idle_threads", "clone_fd"}
 # Options mount(8) and fstab use for themselves; they mean nothing to the filesystem.
 _USERSPACE_ONLY = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
                    "nofail", "_netdev", "silent", "loud", "nosymfollow", "symfollow"}
@@ -33,7 +39,10 @@ _OVERLAY_SWITCHES = {
     "metacopy": {"off"},
     "xino": {"off", "auto"},
     "nfs_export": {"off"},
-    "uuid": {"on", "off", "null", "auto"},
+    # ovlfuse writes no trusted.overlay.uuid, as the kernel with uuid=null or off (its default "auto" writes
+    # one on a new upper dir and "on" always does); origin records carry a null uuid, as the kernel's do
+    # with every layer on one filesystem.
+    "uuid": {"off", "null"},
 }
 # fuse-overlayfs options ovlfuse does not implement, and why.
 _REFUSED = {
@@ -53,10 +62,15 @@ class MountOptions:
     upperdir: str | None = None
     workdir: str | None = None
     read_only: bool = False
-    allow_other: bool = False
+    allow_other: bool | None = None  # None: the default (yes as root, no for an ordinary user)
+    allow_root: bool = False
+    auto_unmount: bool = False
+    debug: bool = False
     userxattr: bool = False
     fsname: str | None = None
+    subtype: str | None = None
     vfs_flags: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # accepted options that change nothing, with the reason
     uidmapping: tuple[IdRange, ...] = ()
     gidmapping: tuple[IdRange, ...] = ()
     squash_to_root: bool = False
@@ -65,12 +79,6 @@ class MountOptions:
     static_nlink: bool = False
     xattr_permissions: int = 0  # 1: security.* stat override records, 2: user.containers.* ones
     volatile: bool = False  # fsync and fsyncdir do nothing (the kernel's volatile, fuse-overlayfs's fsync=0)
-
-    @property
-    def shows_other_owners(self) -> bool:
-        """Owners are mapped to other users (a user namespace's), who must reach the mount: allow_other as root."""
-        return bool(self.uidmapping or self.gidmapping) or self.squash_to_uid is not None \
-            or self.squash_to_gid is not None
 
     def ids(self) -> IdMap:
         """The owner mapping the options ask for (squash_to_uid/gid win over squash_to_root)."""
@@ -149,15 +157,26 @@ def _apply(opts: MountOptions, option: str) -> None:
         opts.read_only = False
     elif key == "userxattr" and not has_value:
         opts.userxattr = True
-    elif key == "allow_other" and not has_value:
-        opts.allow_other = True
+    elif key in ("allow_other", "noallow_other") and not has_value:
+        opts.allow_other = key == "allow_other"
+    elif key == "allow_root" and not has_value:
+        opts.allow_root = True
+    elif key in ("auto_unmount", "debug") and not has_value:
+        setattr(opts, key, True)
     elif key == "default_permissions" and not has_value:
         pass  # always on
     elif key in ("fsname", "subtype") and has_value:
-        if key == "fsname":
-            opts.fsname = value
+        if not value or "," in value:
+            raise OvlError(f"option {option!r} needs a name without commas")
+        setattr(opts, key, value)
     elif key in _VFS_FLAGS and not has_value:
         opts.vfs_flags.append(key)
+    elif key in _IGNORED_VFS and not has_value:
+        opts.ignored.append(f"{key}: {_IGNORED_VFS[key]}")
+    elif key in _LOOP_OPTIONS:
+        if key != "clone_fd" and not value.isdigit():
+            raise OvlError(f"option {option!r} needs a number of threads")
+        opts.ignored.append(f"{option}: ovlfuse serves every request on one loop, without threads")
     elif key in _USERSPACE_ONLY or key.startswith("x-"):
         pass
     elif key in ("uidmapping", "gidmapping") and has_value:
@@ -189,6 +208,7 @@ def _apply(opts: MountOptions, option: str) -> None:
         if value not in allowed:
             raise OvlError(
                 f"option {option!r} is not supported: ovlfuse implements {key}={'|'.join(sorted(allowed))} only"
+                + (" (it writes no trusted.overlay.uuid)" if key == "uuid" else "")
             )
     else:
         raise OvlError(f"unknown mount option {option!r}; see 'ovlfuse --help' for the accepted options")

@@ -104,7 +104,7 @@ def _real_dir(path: str, what: str) -> str:
     return path
 
 
-def _resolve_link(root: str, real_root: str, entry: str, layer_name: str) -> str:
+def resolve_link(root: str, real_root: str, entry: str, layer_name: str) -> str:
     """The diff directory behind one ``l/<LINK>`` entry of a ``lower`` file."""
     head, _, link = entry.partition("/")
     if head != "l" or not _LINK.match(link):
@@ -128,9 +128,8 @@ def _resolve_link(root: str, real_root: str, entry: str, layer_name: str) -> str
     return real
 
 
-def read_chain(root: str, layer_dir: str) -> list[str]:
-    """The diff directories named by ``layer_dir/lower``, nearest first ([] for a base layer)."""
-    name = os.path.basename(layer_dir)
+def lower_entries(layer_dir: str) -> list[str]:
+    """The ``l/<LINK>`` entries of ``layer_dir/lower``, nearest first ([] for a base layer)."""
     lower_file = os.path.join(layer_dir, "lower")
     if not os.path.lexists(lower_file):
         return []
@@ -143,11 +142,17 @@ def read_chain(root: str, layer_dir: str) -> list[str]:
         raise OvlError(f"cannot read {lower_file}: {e}") from None
     if not text:
         raise OvlError(f"{lower_file} is empty; the layer's chain is damaged")
+    return text.split(":")
+
+
+def read_chain(root: str, layer_dir: str) -> list[str]:
+    """The diff directories named by ``layer_dir/lower``, nearest first ([] for a base layer)."""
+    name = os.path.basename(layer_dir)
     real_root = os.path.realpath(root)
     own_diff = os.path.realpath(os.path.join(layer_dir, "diff"))
     chain: list[str] = []
-    for entry in text.split(":"):
-        diff = _resolve_link(root, real_root, entry, name)
+    for entry in lower_entries(layer_dir):
+        diff = resolve_link(root, real_root, entry, name)
         if diff == own_diff:
             raise OvlError(f"layer {name}: its lower chain lists {entry}, its own diff; the store is damaged")
         if diff in chain:

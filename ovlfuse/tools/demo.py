@@ -11,7 +11,10 @@ import argparse
 import base64
 import hashlib
 import os
+import shlex
+import shutil
 import stat
+import sys
 from dataclasses import dataclass, field
 
 from ovlfuse.errors import OvlError
@@ -173,5 +176,16 @@ def demo_main(argv: list[str]) -> int:
     print(f"  container layer {container.id} over {len(below)} layers: "
           + ", ".join(layer.id[:12] for layer in below))
     print("mount its merged view with:")
-    print(f"  ovlfuse --root {root} {container.id[:12]} {mnt}")
+    print(f"  {shlex.join([*invocation(), '--root', root, container.id[:12], mnt])}")
     return 0
+
+
+def invocation() -> list[str]:
+    """How a shell runs this very ovlfuse: ``ovlfuse`` if that is what PATH finds, else the program's path."""
+    script = os.path.join(os.path.dirname(sys.executable), "ovlfuse")
+    on_path = shutil.which("ovlfuse")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(script):
+        return ["ovlfuse"]
+    if os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, "-m", "ovlfuse"]

@@ -11,6 +11,7 @@ xattrs are all "opaque"; the kernel's bookkeeping xattrs are dropped.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from ovlfuse.errors import OvlError
 from ovlfuse.fs.markers import OPAQUE_FILE, WH_PREFIX, OvlXattr
+from ovlfuse.tools.progress import Progress
 
 OPAQUE_XATTRS = OvlXattr.OPAQUE.forms
 WHITEOUT_XATTRS = OvlXattr.WHITEOUT.forms
@@ -91,6 +94,8 @@ def scan(root: str, progress: Callable[[int], None] | None = None) -> dict[str, 
             st = os.lstat(path)
         except FileNotFoundError:
             continue  # listed but gone (the kernel lists stray whiteouts it cannot stat)
+        except OSError as e:
+            raise _unreadable(root, rel, e) from None
         kind = file_type(st.st_mode)
         rec = Rec(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size if kind != "dir" else 0,
                   st.st_mtime_ns, st.st_ino, xattrs=_xattrs(path))
@@ -101,13 +106,25 @@ def scan(root: str, progress: Callable[[int], None] | None = None) -> dict[str, 
         elif kind == "dir":
             try:
                 names = os.listdir(path)
-            except OSError:
-                names = []
+            except FileNotFoundError:
+                names = []  # removed while the tree was scanned
+            except OSError as e:
+                raise _unreadable(root, rel, e) from None
             pending.extend(os.path.join(rel, n) if rel else n for n in names)
         tree[os.fsdecode(rel)] = rec
         if progress and len(tree) % 2000 == 0:
             progress(len(tree))
     return tree
+
+
+def _unreadable(root: str, rel: bytes, e: OSError) -> OvlError:
+    """A tree that cannot be read whole is an error, never a difference (or an equality) to report."""
+    where = os.path.join(root, os.fsdecode(rel)) if rel else root
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return OvlError(f"cannot read {where}: permission denied; compare as a user who may read both trees")
+    if e.errno == errno.ENOTCONN:
+        return OvlError(f"cannot read {where}: the FUSE mount is dead (its daemon is gone)")
+    return OvlError(f"cannot read {where}: {e.strerror}")
 
 
 def normalise_upper(tree: dict[str, Rec]) -> dict[str, Rec]:
@@ -188,7 +205,7 @@ def compare(a_root: str, b_root: str, a: dict[str, Rec], b: dict[str, Rec], time
     for path in sorted(a.keys() - b.keys()):
         diffs.append(Difference(path, "only-in-a", a[path].type))
     for path in sorted(b.keys() - a.keys()):
-        diffs.append(Difference(path, "only-in-b", b[path].type))
+        diffs.append(Difference(path, "only-in-b", None, b[path].type))
     to_hash: list[str] = []
     for path in sorted(a.keys() & b.keys()):
         x, y = a[path], b[path]
@@ -220,23 +237,54 @@ def compare(a_root: str, b_root: str, a: dict[str, Rec], b: dict[str, Rec], time
     return diffs
 
 
-def report(a_root: str, b_root: str, diffs: list[Difference], colour: bool) -> str:
+def iso_time(ns: int) -> str:
+    """Nanoseconds since the epoch as ISO 8601 in UTC, to the nanosecond (what a person reads; JSON keeps the integer)."""
+    seconds, frac = divmod(ns, 10**9)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{stamp}.{frac:09d}Z"
+
+
+def _links(path: str, group: object) -> str:
+    others = [p or "/" for p in group if p != path] if isinstance(group, list) else []
+    return "hard-linked with " + ", ".join(others) if others else "not hard-linked"
+
+
+def _xattr_change(a: object, b: object) -> str:
+    a = a if isinstance(a, dict) else {}
+    b = b if isinstance(b, dict) else {}
+    return "; ".join(f"{name}: {a.get(name, '(none)')} -> {b.get(name, '(none)')}"
+                     for name in sorted(a.keys() | b.keys()) if a.get(name) != b.get(name))
+
+
+def describe(d: Difference, red: str = "", green: str = "", off: str = "") -> str:
+    """One line of the text report for ``d``."""
+    path = d.path or "/"
+    if d.kind == "only-in-a":
+        return f"{red}- {path}{off} ({d.a})"
+    if d.kind == "only-in-b":
+        return f"{green}+ {path}{off} ({d.b})"
+    if d.kind == "xattrs":
+        return f"{path}: {_xattr_change(d.a, d.b)}"
+    a, b = d.a, d.b
+    if d.kind == "mtime":
+        a, b = iso_time(int(a)), iso_time(int(b))  # type: ignore[call-overload]
+    elif d.kind == "hardlink":
+        a, b = _links(d.path, a), _links(d.path, b)
+    return f"{path}: {red}{a}{off} -> {green}{b}{off}"
+
+
+def report(a_root: str, b_root: str, diffs: list[Difference], colour: bool, title: str | None = None) -> str:
+    """The text report: ``title`` (default: the two roots) and the differences grouped by kind."""
     if not diffs:
-        return f"equal: {a_root} and {b_root}"
+        return f"equal: {title or f'{a_root} and {b_root}'}"
     red, green, bold, off = ("\033[31m", "\033[32m", "\033[1m", "\033[0m") if colour else ("",) * 4
     groups: dict[str, list[Difference]] = {}
     for d in diffs:
         groups.setdefault(d.kind, []).append(d)
-    lines = [f"{bold}{len(diffs)} differences between {a_root} (a) and {b_root} (b){off}"]
+    lines = [f"{bold}{len(diffs)} differences: {title or f'{a_root} (a) and {b_root} (b)'}{off}"]
     for kind, items in groups.items():
         lines.append(f"{bold}{kind}{off} ({len(items)})")
-        for d in items[:50]:
-            if kind == "only-in-a":
-                lines.append(f"  {red}- {d.path or '/'}{off} ({d.a})")
-            elif kind == "only-in-b":
-                lines.append(f"  {green}+ {d.path or '/'}{off} ({d.b})")
-            else:
-                lines.append(f"  {d.path or '/'}: {red}{d.a}{off} -> {green}{d.b}{off}")
+        lines.extend(f"  {describe(d, red, green, off)}" for d in items[:50])
         if len(items) > 50:
             lines.append(f"  ... {len(items) - 50} more")
     return "\n".join(lines)
@@ -260,27 +308,33 @@ def to_json(a_root: str, b_root: str, diffs: list[Difference], files: tuple[int,
 def run_diff(a_root: str, b_root: str, upper: bool = False, times: bool = True, as_json: bool = False,
              out=None) -> int:
     """Scan, compare and print; returns 0 equal, 1 different (errors raise OvlError)."""
-    from ovlfuse.errors import OvlError
-
     out = out or sys.stdout
     for root in (a_root, b_root):
-        if not os.path.isdir(root):
-            raise OvlError(f"{root} is not a directory")
-    tty = sys.stderr.isatty() and not as_json
-    started = time.monotonic()
-
-    def progress(n: int) -> None:
-        if tty and time.monotonic() - started > 1:
-            print(f"\rscanned {n} entries...", end="", file=sys.stderr, flush=True)
-
-    a, b = scan(a_root, progress), scan(b_root, progress)
-    if tty and time.monotonic() - started > 1:
-        print("\r", end="", file=sys.stderr)
+        check_tree(root)
+    progress = Progress()
+    a = scan(a_root, lambda n: progress.show(f"scanning {a_root}: {n} entries"))
+    b = scan(b_root, lambda n: progress.show(f"scanning {b_root}: {n} entries"))
     if upper:
         a, b = normalise_upper(a), normalise_upper(b)
+    progress.show(f"comparing {len(a)} and {len(b)} entries")
     diffs = compare(a_root, b_root, a, b, times=times)
+    progress.done()
     if as_json:
         print(to_json(a_root, b_root, diffs, (len(a), len(b))), file=out)
     else:
         print(report(a_root, b_root, diffs, colour=out.isatty()), file=out)
     return 1 if diffs else 0
+
+
+def check_tree(root: str) -> None:
+    """A tree to compare must be a directory this user can list; say which of those it is not."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise OvlError(f"{root} does not exist") from None
+    except OSError as e:
+        raise _unreadable(root, b"", e) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise OvlError(f"{root} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise OvlError(f"cannot read {root}: permission denied; compare as a user who may read both trees")

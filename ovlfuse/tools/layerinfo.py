@@ -14,7 +14,9 @@ import stat
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from ovlfuse.errors import OvlError
 from ovlfuse.fs.markers import OPAQUE_FILE, WH_PREFIX, OvlXattr
+from ovlfuse.store.plan import find_layer, lower_entries, resolve_link
 
 WHITEOUT_XATTRS = OvlXattr.WHITEOUT.forms
 
@@ -39,6 +41,11 @@ class LayerInfo:
     size: int = 0
     files: int = 0
     markers: dict[str, int] = field(default_factory=dict)
+    missing: str | None = None  # why this layer of a damaged chain cannot be read
+
+
+def _fail(error: OSError) -> None:
+    raise error
 
 
 def census(diff: str) -> tuple[int, int, Counter]:
@@ -46,7 +53,7 @@ def census(diff: str) -> tuple[int, int, Counter]:
     size = count = 0
     forms: Counter = Counter()
     base = os.fsencode(diff)
-    for dirpath, dirnames, filenames in os.walk(base):
+    for dirpath, dirnames, filenames in os.walk(base, onerror=_fail):
         opaque = _xattr(dirpath, "trusted.overlay.opaque") or b""
         uopaque = _xattr(dirpath, "user.overlay.opaque") or b""
         if opaque[:1] == b"y":
@@ -72,20 +79,53 @@ def census(diff: str) -> tuple[int, int, Counter]:
     return size, count, forms
 
 
+def layer_info(index: int, diff: str, writable: bool) -> LayerInfo:
+    """What one diff directory holds; a directory that cannot be read whole is marked, not fatal."""
+    layer_dir = os.path.dirname(diff)
+    try:
+        with open(os.path.join(layer_dir, "link")) as f:
+            link = f.read().strip()
+    except OSError:
+        link = ""
+    info = LayerInfo(index, os.path.basename(layer_dir), link, diff, writable)
+    try:
+        info.size, info.files, forms = census(diff)
+    except OSError as e:
+        info.missing = f"cannot read {e.filename or diff}: {e.strerror}"
+        return info
+    info.markers = {k: forms[k] for k in MARKER_FORMS if forms[k]}
+    return info
+
+
 def chain_info(layer_dirs: list[str], writable_top: bool) -> list[LayerInfo]:
     """One LayerInfo per diff directory, top first."""
-    out = []
-    for index, diff in enumerate(layer_dirs):
-        layer_dir = os.path.dirname(diff)
+    return [layer_info(index, diff, writable_top and index == 0) for index, diff in enumerate(layer_dirs)]
+
+
+def damaged_chain(root: str, layer: str, read_only: bool) -> list[LayerInfo] | None:
+    """As much of a layer's chain as can be read, each part that cannot marked; None if the layer is not found."""
+    try:
+        layer_dir = find_layer(root, layer)
+    except OvlError:
+        return None
+    diff = os.path.join(layer_dir, "diff")
+    writable = not read_only and not os.path.exists(os.path.join(layer_dir, "committed"))
+    infos = [layer_info(0, diff, writable) if os.path.isdir(diff) and not os.path.islink(diff) else
+             LayerInfo(0, os.path.basename(layer_dir), "", diff, writable, missing=f"{diff} is not a directory")]
+    try:
+        entries = lower_entries(layer_dir)
+    except OvlError as e:
+        infos.append(LayerInfo(1, "", "", "", False, missing=str(e)))
+        return infos
+    real_root = os.path.realpath(root)
+    for index, entry in enumerate(entries, 1):
         try:
-            with open(os.path.join(layer_dir, "link")) as f:
-                link = f.read().strip()
-        except OSError:
-            link = ""
-        size, count, forms = census(diff)
-        out.append(LayerInfo(index, os.path.basename(layer_dir), link, diff, writable_top and index == 0,
-                             size, count, {k: forms[k] for k in MARKER_FORMS if forms[k]}))
-    return out
+            lower = resolve_link(root, real_root, entry, os.path.basename(layer_dir))
+        except OvlError as e:
+            infos.append(LayerInfo(index, "", entry.partition("/")[2], "", False, missing=str(e)))
+            continue
+        infos.append(layer_info(index, lower, False))
+    return infos
 
 
 def short_id(layer_id: str) -> str:
@@ -106,6 +146,10 @@ def render(infos: list[LayerInfo], as_json: bool) -> str:
         return json.dumps({"schema": "ovlfuse-layers/1", "layers": [asdict(i) for i in infos]}, indent=2)
     lines = [f"{'#':>3}  {'id':17} {'link':28} {'mode':4} {'size':>10} {'entries':>8}  markers"]
     for i in infos:
+        if i.missing:
+            lines.append(f"{i.index:>3}  {short_id(i.id) or '?':17} {i.link or '?':28} {'--':4} {'-':>10} "
+                         f"{'-':>8}  MISSING: {i.missing}")
+            continue
         markers = ", ".join(f"{k} {v}" for k, v in i.markers.items()) or "-"
         lines.append(f"{i.index:>3}  {short_id(i.id):17} {i.link:28} {'rw' if i.writable else 'ro':4} "
                      f"{_human(i.size):>10} {i.files:>8}  {markers}")

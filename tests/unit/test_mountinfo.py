@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ovlfuse.sys.mountinfo import is_mounted, mount_points, unescape
+from ovlfuse.sys.mountinfo import find, is_mounted, mount_points, mounts, unescape
 
 
 @pytest.mark.parametrize("field, path", [
@@ -47,3 +47,13 @@ def test_is_mounted(tmp_path):
     os.symlink("/proc", link)
     assert is_mounted(link)  # symlinks are resolved
     assert not is_mounted(tmp_path / "missing")
+
+
+def test_entries_carry_type_source_and_options():
+    proc = find("/proc")
+    assert proc is not None and proc.fstype == "proc" and proc.source == "proc"
+    assert "rw" in proc.options or "ro" in proc.options
+    assert re.fullmatch(r"\d+:\d+", proc.device)
+    assert find("/proc") == [entry for entry in mounts() if entry.point == "/proc"][-1]
+    assert find(os.path.join("/proc", "self", "..")) == proc  # resolved like the path
+    assert find("/proc/self") is None

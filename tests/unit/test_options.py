@@ -20,7 +20,7 @@ def refused(*option_strings: str) -> str:
 def test_layers_and_defaults():
     opts = parse_options(["lowerdir=/l1:/l2,upperdir=/u,workdir=/w"])
     assert opts == MountOptions(lowerdir=["/l1", "/l2"], upperdir="/u", workdir="/w")
-    assert opts.has_layers and not opts.read_only and not opts.shows_other_owners
+    assert opts.has_layers and not opts.read_only and opts.allow_other is None
     assert not MountOptions().has_layers
     assert MountOptions(workdir="/w").has_layers
 
@@ -71,8 +71,25 @@ def test_vfs_flags_keep_their_order_and_userspace_options_are_dropped():
 
 def test_fsname_and_subtype():
     opts = parse_options(["fsname=mysource,subtype=whatever"])
-    assert opts.fsname == "mysource"
-    assert opts == MountOptions(fsname="mysource")
+    assert opts.fsname == "mysource" and opts.subtype == "whatever"
+    assert opts == MountOptions(fsname="mysource", subtype="whatever")
+
+
+@pytest.mark.parametrize("text, allow_other, allow_root", [
+    ("allow_other", True, False), ("noallow_other", False, False), ("allow_other,noallow_other", False, False),
+    ("allow_root", None, True), ("rw", None, False),
+])
+def test_who_may_use_the_mount(text, allow_other, allow_root):
+    opts = parse_options([text])
+    assert (opts.allow_other, opts.allow_root) == (allow_other, allow_root)
+
+
+def test_libfuse_conventions():
+    opts = parse_options(["debug,auto_unmount,atime,relatime,lazytime,max_threads=4,clone_fd,max_idle_threads=1"])
+    assert opts.debug and opts.auto_unmount and opts.vfs_flags == ["atime"]
+    assert [note.split(":")[0] for note in opts.ignored] == ["relatime", "lazytime", "max_threads=4", "clone_fd",
+                                                             "max_idle_threads=1"]
+    assert all(": " in note for note in opts.ignored)
 
 
 @pytest.mark.parametrize("text, volatile", [("fsync=0", True), ("fsync=1", False), ("volatile,fsync=1", False),
@@ -87,7 +104,7 @@ def test_xattr_permissions(level):
 
 
 @pytest.mark.parametrize("text", ["index=off", "redirect_dir=off", "redirect_dir=nofollow", "metacopy=off",
-                                  "xino=off", "xino=auto", "nfs_export=off"])
+                                  "xino=off", "xino=auto", "nfs_export=off", "uuid=off", "uuid=null"])
 def test_overlay_switches_ovlfuse_implements(text):
     assert parse_options([text]) == MountOptions()
 
@@ -97,7 +114,6 @@ def test_owner_mapping():
     assert opts.uidmapping == (IdRange(0, 1000, 1), IdRange(1, 100000, 65536))
     assert opts.gidmapping == (IdRange(0, 2000, 10),)
     assert opts.squash_to_gid == 9 and opts.squash_to_uid is None
-    assert opts.shows_other_owners
 
 
 @pytest.mark.parametrize("text, squash", [
@@ -113,11 +129,6 @@ def test_ids_follow_the_squash_options(text, squash):
     assert (ids.squash_uid, ids.squash_gid) == squash
 
 
-def test_squash_to_root_alone_shows_no_other_owners():
-    assert not parse_options(["squash_to_root"]).shows_other_owners
-    assert parse_options(["squash_to_uid=0"]).shows_other_owners
-
-
 @pytest.mark.parametrize("text, says", [
     ("bogus", "unknown mount option 'bogus'; see 'ovlfuse --help' for the accepted options"),
     ("=x", "unknown mount option '=x'; see 'ovlfuse --help' for the accepted options"),
@@ -125,6 +136,12 @@ def test_squash_to_root_alone_shows_no_other_owners():
     ("allow_other=1", "unknown mount option 'allow_other=1'; see 'ovlfuse --help' for the accepted options"),
     ("nodev=1", "unknown mount option 'nodev=1'; see 'ovlfuse --help' for the accepted options"),
     ("fsname", "unknown mount option 'fsname'; see 'ovlfuse --help' for the accepted options"),
+    ("subtype=", "option 'subtype=' needs a name without commas"),
+    ("uuid=on", "option 'uuid=on' is not supported: ovlfuse implements uuid=null|off only (it writes no "
+                "trusted.overlay.uuid)"),
+    ("uuid=auto", "option 'uuid=auto' is not supported: ovlfuse implements uuid=null|off only (it writes no "
+                  "trusted.overlay.uuid)"),
+    ("max_threads=many", "option 'max_threads=many' needs a number of threads"),
     ("uidmapping", "unknown mount option 'uidmapping'; see 'ovlfuse --help' for the accepted options"),
     ("lowerdir=", "lowerdir='' has an empty layer (data-only '::' layers are not supported)"),
     ("lowerdir=/a::/b", "lowerdir='/a::/b' has an empty layer (data-only '::' layers are not supported)"),
